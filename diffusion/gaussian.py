@@ -348,6 +348,48 @@ class GaussianDiffusion:
             model_mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return PMeanVariance(model_mean, model_variance, model_log_variance, pred_xstart)
 
+    # ------------------------------------------------------------------ sampling steps
+    def p_sample(
+        self,
+        model: Model,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: dict | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One ancestral step; see :func:`diffusion.sampling.p_sample`.
+
+        Returns {"sample": x_{t-1}, "pred_xstart": x_0 prediction}.
+        """
+        from diffusion.sampling import p_sample
+
+        noise = torch.randn_like(x) if noise is None else noise
+        sample, pred = p_sample(
+            self, model, x, t, noise=noise, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+        )
+        return {"sample": sample, "pred_xstart": pred}
+
+    def ddim_sample(
+        self,
+        model: Model,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: dict | None = None,
+        eta: float = 0.0,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One DDIM step; see :func:`diffusion.sampling.ddim_sample`."""
+        from diffusion.sampling import ddim_sample
+
+        noise = torch.randn_like(x) if noise is None else noise
+        sample, pred = ddim_sample(
+            self, model, x, t, noise=noise, eta=eta, clip_denoised=clip_denoised,
+            model_kwargs=model_kwargs,
+        )  # fmt: skip
+        return {"sample": sample, "pred_xstart": pred}
+
     # ------------------------------------------------------------------ bound and losses
     def vb_terms_bpd(
         self,

@@ -18,6 +18,7 @@ __all__ = [
     "LossSecondMomentResampler",
     "TimestepSampler",
     "UniformSampler",
+    "create_named_schedule_sampler",
     "create_sampler",
 ]
 
@@ -25,7 +26,9 @@ __all__ = [
 class TimestepSampler(ABC):
     """Distribution over the T timesteps of a diffusion process, for the training loss."""
 
-    def __init__(self, num_timesteps: int) -> None:
+    def __init__(self, num_timesteps: int | object) -> None:
+        # A diffusion process is accepted too (anything with ``num_timesteps``).
+        num_timesteps = getattr(num_timesteps, "num_timesteps", num_timesteps)
         if int(num_timesteps) < 1:
             raise ValueError(f"num_timesteps: must be >= 1, got {num_timesteps}")
         self.num_timesteps = int(num_timesteps)
@@ -83,7 +86,7 @@ class LossSecondMomentResampler(TimestepSampler):
     """
 
     def __init__(
-        self, num_timesteps: int, history_per_term: int = 10, uniform_prob: float = 0.001
+        self, num_timesteps: int | object, history_per_term: int = 10, uniform_prob: float = 0.001
     ) -> None:
         super().__init__(num_timesteps)
         if history_per_term < 1:
@@ -112,6 +115,8 @@ class LossSecondMomentResampler(TimestepSampler):
         """Record losses from this rank; under torch.distributed, from all ranks (rank order)."""
         ts, ls = _all_gather_pairs(t, losses)
         self.update_with_all_losses(ts, ls)
+
+    update_with_local_losses = update  # the reference implementation's name
 
     def update_with_all_losses(self, ts: list[int], losses: list[float]) -> None:
         """Record unweighted per-example losses; each t keeps its newest ``history`` values."""
@@ -178,8 +183,11 @@ SAMPLERS: dict[str, Callable[[int], TimestepSampler]] = {
 }
 
 
-def create_sampler(name: str, num_timesteps: int) -> TimestepSampler:
+def create_sampler(name: str, num_timesteps: int | object) -> TimestepSampler:
     """A sampler from the registry: "uniform" or "loss-second-moment" (Eq. 18)."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler: unknown timestep sampler {name!r}; allowed: {sorted(SAMPLERS)}")
     return SAMPLERS[name](num_timesteps)
+
+
+create_named_schedule_sampler = create_sampler  # the reference implementation's name

@@ -119,3 +119,17 @@ def test_image_grid_and_png(tmp_path):
     rgb = save_image_grid(torch.zeros(4, 3, 5, 5), tmp_path / "rgb.png")
     with Image.open(rgb) as im:
         assert im.mode == "RGB" and im.size == (13, 13)
+
+
+def test_diffusion_methods_match_the_module_functions():
+    d = make_diffusion(20)
+    model = ConvModel(seed=6)
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    t = torch.tensor([0, 7, 19])
+    z = torch.randn(SHAPE, dtype=torch.float64)
+    ours = d.p_sample(model, x, t, noise=z)
+    assert torch.equal(ours["sample"], p_sample(d, model, x, t, noise=z)[0])
+    ddim = d.ddim_sample(model, x, t, eta=0.5, noise=z)
+    from diffusion.sampling import ddim_sample
+
+    assert torch.equal(ddim["sample"], ddim_sample(d, model, x, t, noise=z, eta=0.5)[0])

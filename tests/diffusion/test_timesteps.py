@@ -118,3 +118,13 @@ def test_ddp_update_gathers_every_ranks_losses_in_rank_order():
         local.update_with_all_losses(t.tolist(), (float(rank + 1) + t.float() / 10).tolist())
     assert torch.equal(states[0]["loss_counts"], torch.from_numpy(local.loss_counts))
     assert torch.equal(states[0]["loss_history"], torch.from_numpy(local.loss_history))
+
+
+def test_samplers_accept_a_diffusion_process():
+    from diffusion.timesteps import create_named_schedule_sampler
+
+    from .helpers import make_diffusion
+
+    d = make_diffusion(25)
+    assert LossSecondMomentResampler(d).num_timesteps == 25
+    assert create_named_schedule_sampler("uniform", d).num_timesteps == 25

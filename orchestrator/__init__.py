@@ -1,0 +1,1 @@
+"""diffscale's experiment side: configs, trials, sweeps, tracking and analysis."""
