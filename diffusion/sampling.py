@@ -10,7 +10,7 @@ same order as the reference implementation, so seeded runs replay exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +83,7 @@ def ddim_sample(
     return mean_pred + nonzero * sigma * noise, out.pred_xstart
 
 
-def _steps(
+def _loop(
     diffusion: GaussianDiffusion,
     model: Model,
     shape: Sequence[int],
@@ -96,7 +96,7 @@ def _steps(
     dtype: torch.dtype,
     progress: bool,
     **step_kwargs,
-) -> Iterator[torch.Tensor]:
+) -> torch.Tensor:
     shape = tuple(shape)
 
     def draw() -> torch.Tensor:
@@ -115,7 +115,7 @@ def _steps(
         z = draw() if step_noise is None else step_noise(i).to(device=device, dtype=dtype)
         with torch.no_grad():
             x, _ = step(diffusion, model, x, t, noise=z, **step_kwargs)
-        yield x
+    return x
 
 
 def p_sample_loop(
@@ -136,14 +136,11 @@ def p_sample_loop(
 
     Returns x_0 samples [N, C, H, W] (shape = ``shape``), in [-1, 1] when clipping.
     """
-    x = None
-    for x in _steps(
+    return _loop(
         diffusion, model, shape, p_sample, noise=noise, step_noise=step_noise,
         generator=generator, device=device, dtype=dtype, progress=progress,
         clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-    ):  # fmt: skip
-        pass
-    return x
+    )  # fmt: skip
 
 
 def ddim_sample_loop(
@@ -164,14 +161,11 @@ def ddim_sample_loop(
     """DDIM sampling over every step of ``diffusion`` (respace it, e.g. ``"ddim50"``)."""
     if eta < 0:
         raise ValueError(f"eta: must be >= 0, got {eta}")
-    x = None
-    for x in _steps(
+    return _loop(
         diffusion, model, shape, ddim_sample, noise=noise, step_noise=step_noise,
         generator=generator, device=device, dtype=dtype, progress=progress,
         eta=eta, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-    ):  # fmt: skip
-        pass
-    return x
+    )  # fmt: skip
 
 
 def sample(

@@ -17,7 +17,8 @@ VALID = [
     if not (o == "hybrid" and v.startswith("fixed")) and not (o == "simple" and v.startswith("l"))
 ]
 INVALID = [
-    (m, v, o) for m, v, o in itertools.product(MEAN_TYPES, VAR_TYPES, OBJECTIVES)
+    (m, v, o)
+    for m, v, o in itertools.product(MEAN_TYPES, VAR_TYPES, OBJECTIVES)
     if (m, v, o) not in VALID
 ]
 
@@ -32,8 +33,13 @@ def images(n=4, c=3, hw=8, seed=0):
 def test_coefficients_and_posterior_identities(schedule, T):
     d = make_diffusion(T, schedule)
     b, abar, abar_prev = d.betas, d.alphas_cumprod, d.alphas_cumprod_prev
-    for arr in (d.alphas_cumprod, d.posterior_variance, d.posterior_log_variance_clipped,
-                d.posterior_mean_coef1, d.posterior_mean_coef2):
+    for arr in (
+        d.alphas_cumprod,
+        d.posterior_variance,
+        d.posterior_log_variance_clipped,
+        d.posterior_mean_coef1,
+        d.posterior_mean_coef2,
+    ):
         assert arr.dtype == np.float64 and arr.shape == (T,)
     assert np.all(np.diff(abar) < 0) and abar_prev[0] == 1.0
     assert np.allclose(d.posterior_variance, b * (1 - abar_prev) / (1 - abar), rtol=1e-14)
@@ -55,7 +61,7 @@ def test_posterior_mean_matches_ho_et_al_eps_form():
     eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     t = torch.tensor([0, 1, 500, 999])
     x_t = d.q_sample(x0, t, noise=eps)
-    mean, var, logvar = d.q_posterior_mean_variance(x0, x_t, t)
+    mean, var, _ = d.q_posterior_mean_variance(x0, x_t, t)
     b = torch.from_numpy(d.betas)[t].view(-1, 1, 1, 1)
     abar = torch.from_numpy(d.alphas_cumprod)[t].view(-1, 1, 1, 1)
     expected = (x_t - b / (1 - abar).sqrt() * eps) / (1 - b).sqrt()
@@ -67,8 +73,13 @@ def test_q_sample_moments():
     d = make_diffusion(1000)
     x0 = torch.linspace(-1, 1, 5, dtype=torch.float64).view(1, 1, 1, 5).expand(20000, 1, 1, 5)
     t = torch.full((20000,), 300)
-    x_t = d.q_sample(x0, t, noise=torch.randn(x0.shape, generator=torch.Generator().manual_seed(1),
-                                              dtype=torch.float64))
+    x_t = d.q_sample(
+        x0,
+        t,
+        noise=torch.randn(
+            x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+        ),
+    )
     mean, var, logvar = d.q_mean_variance(x0[:1], t[:1])
     torch.testing.assert_close(x_t.mean(0, keepdim=True), mean, atol=0.02, rtol=0)
     assert torch.allclose(x_t.var(0), var.expand(1, 1, 1, 5)[0], rtol=0.04)
@@ -94,13 +105,13 @@ def test_p_mean_variance_with_an_oracle_recovers_the_posterior(mean_type):
     eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     t = torch.tensor([0, 3, 20, 49])
     x_t = d.q_sample(x0, t, noise=eps)
-    post_mean, post_var, post_logvar = d.q_posterior_mean_variance(x0, x_t, t)
+    post_mean, post_var, _ = d.q_posterior_mean_variance(x0, x_t, t)
     truth = {"eps": eps, "x0": x0, "xprev": post_mean}[mean_type]
     out = d.p_mean_variance(lambda x, ts: truth, x_t, t, clip_denoised=False)
     torch.testing.assert_close(out.pred_xstart, x0)
     torch.testing.assert_close(out.mean, post_mean)
     torch.testing.assert_close(out["variance"], post_var.expand_as(x0))
-    mean, variance, log_variance, pred = out  # unpacks as a tuple too
+    mean, _, _, pred = out  # unpacks as a tuple too
     assert mean is out.mean and pred is out["pred_xstart"]
 
 
@@ -149,8 +160,12 @@ def test_invalid_combinations_name_the_argument(mean_type, var_type, objective):
 
 @pytest.mark.parametrize(
     "kwargs,name",
-    [({"mean_type": "v"}, "mean_type"), ({"var_type": "big"}, "var_type"),
-     ({"objective": "l2"}, "objective"), ({"hybrid_lambda": 0}, "hybrid_lambda")],
+    [
+        ({"mean_type": "v"}, "mean_type"),
+        ({"var_type": "big"}, "var_type"),
+        ({"objective": "l2"}, "objective"),
+        ({"hybrid_lambda": 0}, "hybrid_lambda"),
+    ],
 )
 def test_unknown_values_name_the_argument_and_allowed_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -262,7 +277,8 @@ def test_respace_keeps_alpha_bar_and_feeds_original_timesteps():
     assert model.seen_t[-1].tolist() == [0.0, 990.0]
     # respacing a respaced process composes the maps
     again = base.respace("50").respace("ddim5")
-    assert again.timestep_map.tolist() == [base.respace("50").timestep_map[i] for i in range(0, 50, 10)]
+    fifty = base.respace("50").timestep_map
+    assert again.timestep_map.tolist() == [fifty[i] for i in range(0, 50, 10)]
     # keeping every step gives back the same process
     full = base.respace(range(100))
     assert np.allclose(full.betas, base.betas, rtol=1e-12)

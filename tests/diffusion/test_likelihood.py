@@ -18,9 +18,7 @@ BIN_CENTERS = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    m1=st.floats(-5, 5), m2=st.floats(-5, 5), lv1=st.floats(-8, 3), lv2=st.floats(-8, 3)
-)
+@given(m1=st.floats(-5, 5), m2=st.floats(-5, 5), lv1=st.floats(-8, 3), lv2=st.floats(-8, 3))
 def test_normal_kl_matches_torch_distributions_and_is_nonnegative(m1, m2, lv1, lv2):
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     ours = normal_kl(t(m1), t(lv1), t(m2), t(lv2))

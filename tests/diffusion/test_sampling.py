@@ -32,8 +32,15 @@ def test_exact_model_of_a_point_mass_samples_that_point(steps, method, var_type)
     base = make_diffusion(100, var_type=var_type, objective=objective)
     x0 = target_image()
     model = oracle_eps_model(base, x0, learn_sigma=base.learns_sigma)
-    out = sample(base, model, SHAPE, steps=steps, method=method, dtype=torch.float64,
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        base,
+        model,
+        SHAPE,
+        steps=steps,
+        method=method,
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(out, x0.expand(SHAPE), rtol=0, atol=1e-6)
 
 
@@ -53,10 +60,12 @@ def test_sampling_is_deterministic_given_a_generator_or_injected_noise():
     g = torch.Generator().manual_seed(7)
     xT = torch.randn(SHAPE, generator=g, dtype=torch.float64)
     steps = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(12)]
-    c = p_sample_loop(d, model, SHAPE, noise=xT, step_noise=lambda i: steps[11 - i],
-                      dtype=torch.float64)
-    e = p_sample_loop(d, model, SHAPE, generator=torch.Generator().manual_seed(7),
-                      dtype=torch.float64)
+    c = p_sample_loop(
+        d, model, SHAPE, noise=xT, step_noise=lambda i: steps[11 - i], dtype=torch.float64
+    )
+    e = p_sample_loop(
+        d, model, SHAPE, generator=torch.Generator().manual_seed(7), dtype=torch.float64
+    )
     assert torch.equal(c, e)
 
 

@@ -14,7 +14,8 @@ from diffusion.schedules import (
 
 @pytest.mark.parametrize(
     ("name", "T"),
-    [("linear", t) for t in (21, 100, 1000, 4000)] + [("cosine", t) for t in (1, 2, 10, 1000, 4000)],
+    [("linear", t) for t in (21, 100, 1000, 4000)]
+    + [("cosine", t) for t in (1, 2, 10, 1000, 4000)],
 )
 def test_schedules_are_float64_in_range_and_abar_decreasing(name, T):
     betas = get_beta_schedule(name, T)

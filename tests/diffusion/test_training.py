@@ -46,8 +46,12 @@ def test_train_step_replays_exactly_with_the_same_generator():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         ema = EMA(model, 0.99)
         g = torch.Generator().manual_seed(3)
-        out = [train_step(model, d, UniformSampler(50), opt, batch(), generator=g, ema=ema,
-                          grad_clip=1.0) for _ in range(5)]
+        out = [
+            train_step(
+                model, d, UniformSampler(50), opt, batch(), generator=g, ema=ema, grad_clip=1.0
+            )
+            for _ in range(5)
+        ]
         return model, ema, out
 
     m1, e1, o1 = run()
@@ -68,8 +72,9 @@ def test_train_step_reduces_the_loss_and_feeds_the_importance_sampler():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
     g = torch.Generator().manual_seed(1)
     x = batch(32)
-    losses = [float(train_step(model, d, sampler, opt, x, generator=g)["objective"])
-              for _ in range(60)]
+    losses = [
+        float(train_step(model, d, sampler, opt, x, generator=g)["objective"]) for _ in range(60)
+    ]
     assert sampler.loss_counts.sum() == min(60 * 32, 20 * 10) or sampler.warmed_up()
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
 
@@ -78,8 +83,15 @@ def test_bf16_autocast_step_runs_and_stays_finite():
     model = Tiny()
     d = make_diffusion(20)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    out = train_step(model, d, UniformSampler(20), opt, batch(), autocast_dtype=torch.bfloat16,
-                     generator=torch.Generator().manual_seed(0))
+    out = train_step(
+        model,
+        d,
+        UniformSampler(20),
+        opt,
+        batch(),
+        autocast_dtype=torch.bfloat16,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"]).all()
 
 

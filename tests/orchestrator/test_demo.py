@@ -7,8 +7,15 @@ from orchestrator.demo import DemoConfig, run_demo
 
 
 def test_demo_trains_evaluates_and_writes_samples(tmp_path):
-    config = DemoConfig(seconds=600, max_steps=150, num_timesteps=100, eval_images=8,
-                        num_samples=9, sample_steps="10", ema_rate=0.9)
+    config = DemoConfig(
+        seconds=600,
+        max_steps=150,
+        num_timesteps=100,
+        eval_images=8,
+        num_samples=9,
+        sample_steps="10",
+        ema_rate=0.9,
+    )
     result = run_demo(config, tmp_path, progress=False)
     assert result["steps"] == 150 and result["images_seen"] == 150 * 64
     assert result["bpd_after"] < result["bpd_before"] - 0.5  # training helps, clearly
