@@ -199,7 +199,12 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Timesteps the model sees for process indices ``t``: original steps, maybe rescaled."""
-        mapped = torch.as_tensor(self.timestep_map, device=t.device)[t]
+        key = (id(self.timestep_map), t.device, torch.int64)
+        cached = self._tensor_cache.get(key)
+        if cached is None:
+            cached = (self.timestep_map, torch.as_tensor(self.timestep_map, device=t.device))
+            self._tensor_cache[key] = cached
+        mapped = cached[1][t]
         if self.rescale_timesteps:
             return mapped.float() * (1000.0 / self.original_num_steps)
         return mapped

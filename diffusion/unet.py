@@ -226,7 +226,7 @@ class ResBlock(TimestepBlock):
         self.out_norm = normalization(out_channels)
         self.out_rest = nn.Sequential(
             nn.SiLU(),
-            nn.Dropout(p=dropout),
+            nn.Dropout(p=dropout, inplace=True),  # on SiLU's output, which backward never reads
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         self.skip = (

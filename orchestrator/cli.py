@@ -46,8 +46,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     import torch
-    from diffusion.flops import forward_flops_per_image
 
+    from diffusion.flops import forward_flops_per_image
     from diffusion.unet import MODEL_LADDER, build_model, count_parameters
 
     rows = []

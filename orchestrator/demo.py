@@ -14,16 +14,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusion.flops import forward_flops_per_image, training_flops
 from tqdm.auto import tqdm
 
 from diffusion.data import load_digits_uint8, to_model_range
+from diffusion.flops import forward_flops_per_image, training_flops
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.likelihood import calc_bpd
 from diffusion.sampling import sample, save_image_grid
 from diffusion.schedules import get_beta_schedule
 from diffusion.timesteps import create_sampler
-from diffusion.training import EMA, train_step
+from diffusion.training import EMA, make_optimizer, train_step
 from diffusion.unet import build_model, count_parameters, get_model_config
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def run_demo(config: DemoConfig, out_dir: str | Path, progress: bool = True) -> 
         rescale_timesteps=True,
     )
     sampler = create_sampler(config.timestep_sampler, diffusion.num_timesteps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    optimizer = make_optimizer(model.parameters(), lr=config.lr)
     ema = EMA(model, config.ema_rate)
 
     train = to_model_range(load_digits_uint8("train")[0])
