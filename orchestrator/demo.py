@@ -104,7 +104,9 @@ def run_demo(config: DemoConfig, out_dir: str | Path, progress: bool = True) -> 
         losses.append(float(terms["objective"]))
         elapsed = time.perf_counter() - start
         bar.n = min(round(elapsed), bar.total)
-        bar.set_postfix(step=steps, loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        bar.set_postfix(
+            step=steps, loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False
+        )
     bar.close()
     train_seconds = time.perf_counter() - start
 
