@@ -10,8 +10,10 @@ float64 computation end to end; anything narrower computes in float32).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -23,9 +25,16 @@ from diffusion.likelihood import (
     mean_flat,
     normal_kl,
 )
-from diffusion.schedules import space_timesteps
+from diffusion.schedules import BETA_SCHEDULES, get_beta_schedule, space_timesteps
 
-__all__ = ["MEAN_TYPES", "OBJECTIVES", "VAR_TYPES", "GaussianDiffusion", "PMeanVariance"]
+__all__ = [
+    "MEAN_TYPES",
+    "OBJECTIVES",
+    "VAR_TYPES",
+    "DiffusionConfig",
+    "GaussianDiffusion",
+    "PMeanVariance",
+]
 
 MEAN_TYPES = ("eps", "x0", "xprev")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
@@ -33,6 +42,55 @@ OBJECTIVES = ("simple", "hybrid", "vlb")
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 
 Model = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    """Everything that defines a diffusion process; ``build()`` makes it.
+
+    Defaults are the paper's improved setting: cosine schedule, T = 4000, eps prediction,
+    learned-range variances (Eq. 15), L_hybrid (Eq. 16), timesteps rescaled to [0, 1000).
+    """
+
+    schedule: str = "cosine"
+    num_timesteps: int = 4000
+    mean_type: str = "eps"
+    var_type: str = "learned_range"
+    objective: str = "hybrid"
+    hybrid_lambda: float = 1e-3
+    rescale_timesteps: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("schedule", self.schedule, tuple(BETA_SCHEDULES))
+        if not isinstance(self.num_timesteps, int) or self.num_timesteps < 1:
+            raise ValueError(f"num_timesteps: must be a positive int, got {self.num_timesteps!r}")
+        self.build()  # validates every combination now, with the process's own messages
+
+    def build(self) -> GaussianDiffusion:
+        return GaussianDiffusion(
+            get_beta_schedule(self.schedule, self.num_timesteps),
+            mean_type=self.mean_type,
+            var_type=self.var_type,
+            objective=self.objective,
+            hybrid_lambda=self.hybrid_lambda,
+            rescale_timesteps=self.rescale_timesteps,
+        )
+
+    @property
+    def learns_sigma(self) -> bool:
+        return self.var_type in LEARNED_VAR_TYPES
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiffusionConfig:
+        """Inverse of ``to_dict``; unknown keys raise ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"diffusion: unknown keys {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
 
 
 class PMeanVariance(NamedTuple):

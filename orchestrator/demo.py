@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 
 from diffusion.data import load_digits_uint8, to_model_range
 from diffusion.flops import forward_flops_per_image, training_flops
-from diffusion.gaussian import GaussianDiffusion
+from diffusion.gaussian import DiffusionConfig
 from diffusion.likelihood import calc_bpd
 from diffusion.sampling import sample, save_image_grid
-from diffusion.schedules import get_beta_schedule
 from diffusion.timesteps import create_sampler
 from diffusion.training import EMA, make_optimizer, train_step
 from diffusion.unet import build_model, count_parameters, get_model_config
+from orchestrator.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,13 @@ def run_demo(config: DemoConfig, out_dir: str | Path, progress: bool = True) -> 
 
     model_config = get_model_config(config.model)
     model = build_model(model_config)
-    diffusion = GaussianDiffusion(
-        get_beta_schedule(config.schedule, config.num_timesteps),
-        mean_type="eps",
-        var_type="learned_range",
+    diffusion_config = DiffusionConfig(
+        schedule=config.schedule,
+        num_timesteps=config.num_timesteps,
         objective=config.objective,
         rescale_timesteps=True,
     )
+    diffusion = diffusion_config.build()
     sampler = create_sampler(config.timestep_sampler, diffusion.num_timesteps)
     optimizer = make_optimizer(model.parameters(), lr=config.lr)
     ema = EMA(model, config.ema_rate)
@@ -119,6 +119,12 @@ def run_demo(config: DemoConfig, out_dir: str | Path, progress: bool = True) -> 
         generator=torch.Generator().manual_seed(config.seed + 2),
     )
     grid_path = save_image_grid(samples, out / "samples.png", scale=4)
+    checkpoint = save_checkpoint(
+        out / "checkpoint",
+        {"model": model.state_dict(), "ema": ema.state_dict()},
+        {"model": model_config.to_dict(), "diffusion": diffusion_config.to_dict(),
+         "data": {"dataset": "digits"}, "step": steps, "images_seen": images},
+    )  # fmt: skip
 
     fwd = forward_flops_per_image(model_config)
     result = {
@@ -134,6 +140,7 @@ def run_demo(config: DemoConfig, out_dir: str | Path, progress: bool = True) -> 
         "bpd_after": bpd_after,
         "bpd_kind": f"full bound, T={diffusion.num_timesteps}, {len(test)} held-out images",
         "samples_png": str(grid_path),
+        "checkpoint": str(checkpoint),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -309,3 +309,19 @@ def test_float32_images_compute_in_float32_and_bf16_outputs_are_upcast():
     assert d.q_sample(x0, t).dtype == torch.float32
     out = d.p_mean_variance(lambda *_: torch.zeros(2, 6, 4, 4, dtype=torch.bfloat16), x0, t)
     assert out.mean.dtype == torch.float32 and out.log_variance.dtype == torch.float32
+
+
+def test_diffusion_config_builds_validates_and_round_trips():
+    from diffusion.gaussian import DiffusionConfig
+
+    cfg = DiffusionConfig(num_timesteps=100, schedule="linear", objective="vlb")
+    d = cfg.build()
+    assert d.num_timesteps == 100 and d.objective == "vlb" and d.rescale_timesteps
+    assert np.array_equal(d.betas, get_beta_schedule("linear", 100))
+    assert DiffusionConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="schedule"):
+        DiffusionConfig(schedule="sigmoid")
+    with pytest.raises(ValueError, match="var_type"):
+        DiffusionConfig(var_type="fixed_large")  # hybrid needs a learned variance
+    with pytest.raises(ValueError, match=r"unknown keys \['T'\]"):
+        DiffusionConfig.from_dict({"T": 10})

@@ -1,0 +1,162 @@
+"""Negative log-likelihood in bits/dim over a dataset, as the paper reports it, and a cheap
+unbiased estimate of it for curves during training.
+
+* ``kind="full"``: every image's complete variational bound, all T terms plus the prior
+  (Nichol & Dhariwal 2021, Sec. 2.2 and Table 1; :func:`diffusion.likelihood.calc_bpd`);
+* ``kind="subset"``: for each image, K timesteps drawn by stratified sampling (one uniform
+  draw in each of K near-equal strata of [0, T)); with stratum sizes n_k the estimate
+  prior + sum_k n_k L_{t_k} is unbiased for the full bound. Its standard error is the
+  spread of the per-image estimates over sqrt(N), so it covers both the choice of images
+  and of timesteps.
+
+Results always carry their kind, T and the number of terms per image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from diffusion.gaussian import GaussianDiffusion
+from diffusion.likelihood import calc_bpd
+
+__all__ = ["NLLResult", "estimate_bpd", "evaluate_nll", "stratified_timesteps"]
+
+NLL_KINDS = ("full", "subset")
+
+
+@dataclass(frozen=True)
+class NLLResult:
+    """Mean bits/dim over ``num_images`` images and its standard error."""
+
+    bpd: float
+    stderr: float
+    kind: str  # "full" (all T terms) or "subset" (an unbiased estimate)
+    num_images: int
+    num_timesteps: int  # T of the process
+    terms_per_image: int  # T for "full", K for "subset"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        if self.kind == "full":
+            return f"full bound, T={self.num_timesteps}, {self.num_images} images"
+        return (
+            f"unbiased estimate from {self.terms_per_image} of T={self.num_timesteps} "
+            f"terms per image, {self.num_images} images"
+        )
+
+
+def stratified_timesteps(
+    num_timesteps: int, k: int, n: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One uniform timestep in each of ``k`` strata of [0, T), for ``n`` images.
+
+    Returns (t [n, k] int64, stratum sizes [k] float64); strata are [round(iT/k), ...).
+    """
+    if not 1 <= k <= num_timesteps:
+        raise ValueError(f"timesteps_per_image: must be in [1, T={num_timesteps}], got {k}")
+    edges = torch.tensor([round(i * num_timesteps / k) for i in range(k + 1)], dtype=torch.int64)
+    sizes = edges[1:] - edges[:-1]  # [k], all >= 1 since k <= T
+    u = torch.rand(n, k, generator=generator, dtype=torch.float64)
+    t = edges[:-1] + (u * sizes).floor().to(torch.int64).clamp(max=sizes - 1)  # [n, k]
+    return t, sizes.to(torch.float64)
+
+
+@torch.no_grad()
+def estimate_bpd(
+    diffusion: GaussianDiffusion,
+    model: Callable[..., torch.Tensor],
+    x_start: torch.Tensor,
+    *,
+    timesteps_per_image: int,
+    generator: torch.Generator | None = None,
+    clip_denoised: bool = True,
+    max_batch: int = 512,
+) -> torch.Tensor:
+    """Unbiased per-image estimates [N] of the full bound in bits/dim (stratified t).
+
+    The N * K (image, timestep) pairs are evaluated ``max_batch`` at a time; noise and
+    timesteps come from ``generator`` (CPU), so a seeded estimate is reproducible.
+    """
+    n = x_start.shape[0]
+    t, sizes = stratified_timesteps(
+        diffusion.num_timesteps, timesteps_per_image, n, generator=generator
+    )
+    t = t.reshape(-1).to(x_start.device)  # [N*K], image-major
+    weights = sizes.repeat(n).to(x_start.device)  # [N*K]
+    images = x_start.repeat_interleave(timesteps_per_image, dim=0)  # [N*K, C, H, W]
+    noise = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
+    terms = torch.empty(images.shape[0], dtype=torch.float64, device=x_start.device)
+    for lo in range(0, images.shape[0], max_batch):
+        sl = slice(lo, lo + max_batch)
+        x_t = diffusion.q_sample(images[sl], t[sl], noise=noise[sl])
+        out = diffusion.vb_terms_bpd(model, images[sl], x_t, t[sl], clip_denoised=clip_denoised)
+        terms[sl] = out["output"].to(torch.float64)
+    per_image = (terms * weights).view(n, timesteps_per_image).sum(dim=1)  # [N]
+    return per_image + diffusion.prior_bpd(x_start).to(torch.float64)
+
+
+def evaluate_nll(
+    diffusion: GaussianDiffusion,
+    model: Callable[..., torch.Tensor],
+    batches: Iterable[torch.Tensor],
+    *,
+    kind: str = "full",
+    timesteps_per_image: int = 50,
+    seed: int = 0,
+    clip_denoised: bool = True,
+    device: torch.device | str = "cpu",
+    timesteps_per_batch: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> NLLResult:
+    """Bits/dim over every image in ``batches`` ([B, C, H, W] tensors in [-1, 1]).
+
+    ``kind`` is "full" (the paper's number) or "subset" (cheap unbiased estimate with K =
+    ``timesteps_per_image`` terms per image). ``progress(n)`` is called after each batch.
+    """
+    if kind not in NLL_KINDS:
+        raise ValueError(f"kind: got {kind!r}; allowed values: {list(NLL_KINDS)}")
+    generator = torch.Generator().manual_seed(seed)
+    values: list[np.ndarray] = []
+    for batch in batches:
+        x = batch.to(device)
+        if kind == "full":
+            noise_fn = _noise_from(generator, x)
+            per_image = calc_bpd(
+                diffusion, model, x, clip_denoised=clip_denoised, noise_fn=noise_fn,
+                timesteps_per_batch=timesteps_per_batch,
+            ).total_bpd  # fmt: skip
+        else:
+            per_image = estimate_bpd(
+                diffusion, model, x, timesteps_per_image=timesteps_per_image,
+                generator=generator, clip_denoised=clip_denoised,
+            )  # fmt: skip
+        values.append(per_image.double().cpu().numpy())
+        if progress is not None:
+            progress(x.shape[0])
+    if not values:
+        raise ValueError("batches: no images to evaluate")
+    all_values = np.concatenate(values)
+    n = all_values.size
+    stderr = float(all_values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return NLLResult(
+        bpd=float(all_values.mean()),
+        stderr=stderr,
+        kind=kind,
+        num_images=n,
+        num_timesteps=diffusion.num_timesteps,
+        terms_per_image=diffusion.num_timesteps if kind == "full" else timesteps_per_image,
+    )
+
+
+def _noise_from(generator: torch.Generator, like: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    def noise_fn(_t: int) -> torch.Tensor:
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+
+    return noise_fn
