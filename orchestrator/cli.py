@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tabulate import tabulate
 
@@ -73,6 +74,88 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from diffusion.data.prepare import prepare_dataset
+
+    options = {
+        key: value
+        for key, value in [
+            ("source", args.source),
+            ("size", args.size),
+            ("md5", args.md5),
+            ("split", args.split),
+        ]
+        if value is not None
+    }
+    try:
+        result = prepare_dataset(
+            args.name,
+            args.out,
+            shard_size=args.shard_size,
+            endpoint_url=args.endpoint_url,
+            force=args.force,
+            **options,
+        )
+    except (ValueError, OSError) as e:
+        print(f"diffscale data prepare: error: {e}", file=sys.stderr)
+        return 2
+    manifest = result.manifest
+    state = "written" if result.written else "already complete, nothing written"
+    print(f"{manifest.dataset} -> {result.uri} ({state})")
+    rows = [
+        [
+            split,
+            f"{info.count:,}",
+            "x".join(map(str, info.shape)),
+            len(info.shards),
+            f"{sum(s.bytes for s in info.shards) / 1e6:.2f}",
+        ]
+        for split, info in manifest.splits.items()
+    ]
+    print(tabulate(rows, headers=["split", "images", "shape", "shards", "MB"]))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from orchestrator.evaluate import EvalOptions, evaluate_checkpoint
+
+    try:
+        options = EvalOptions(
+            data=args.data, split=args.split, num_images=args.num_images, nll=args.nll,
+            nll_timesteps=args.nll_timesteps, num_samples=args.num_samples,
+            sample_steps=args.sample_steps, sample_method=args.sample_method,
+            features=args.features, k=args.k, batch_size=args.batch_size, seed=args.seed,
+            device=args.device,
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"diffscale eval: error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or str(Path(args.checkpoint) / "eval")
+    say = None if args.json else (lambda msg: print(f"  {msg} ...", file=sys.stderr))
+    try:
+        r = evaluate_checkpoint(args.checkpoint, options, out, progress=say)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"diffscale eval: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    fd_key = "fid" if "fid" in r else next(k for k in r if k.endswith("_fd"))
+    rows = [
+        ["NLL (bits/dim)", f"{r['nll_bpd']:.4f} +- {r['nll_stderr']:.4f}", r["nll_kind"]],
+        [fd_key, f"{r[fd_key]:.4f}", f"features: {r['features']}, {options.num_samples} "
+                                     f"samples, {options.sample_steps} steps"],
+        ["precision", f"{r['precision']:.4f}", f"k={options.k}"],
+        ["recall", f"{r['recall']:.4f}", f"k={options.k}"],
+        ["samples", r["samples_png"], ""],
+    ]  # fmt: skip
+    print(tabulate(rows, headers=["metric", "value", "how"]))
+    print(f"wrote {Path(out) / 'eval.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffscale",
@@ -92,6 +175,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the model ladder: sizes and FLOPs")
     models.set_defaults(func=_cmd_models)
+
+    data = sub.add_parser("data", help="datasets as Parquet shards (local or s3://)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser(
+        "prepare",
+        help="convert a dataset to Parquet shards",
+        description="Convert a dataset to Parquet shards plus a manifest, locally or on S3. "
+        "Re-running to the same --out skips an identical complete dataset.",
+    )
+    prep.add_argument("name", help="digits, cifar10, imagenet64 or folder")
+    prep.add_argument("--out", required=True, help="output: a directory or s3://bucket/prefix")
+    prep.add_argument(
+        "--source",
+        help="cifar10: cifar-10-python.tar.gz path or URL; imagenet64: directory of npz "
+        "batches; folder: directory of PNG/JPEG images",
+    )
+    prep.add_argument("--size", type=int, help="folder: output image size in pixels")
+    prep.add_argument("--md5", help="cifar10: expected tarball md5 (default: the official one)")
+    prep.add_argument("--split", help="folder: split name (default: train)")
+    prep.add_argument("--shard-size", type=int, default=10_000, help="rows per shard")
+    prep.add_argument(
+        "--endpoint-url", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)"
+    )
+    prep.add_argument("--force", action="store_true", help="rewrite even an identical dataset")
+    prep.set_defaults(func=_cmd_data_prepare)
+
+    ev = sub.add_parser(
+        "eval",
+        help="NLL, FID (or digits FD), precision/recall and samples of a checkpoint",
+        description="Evaluate a checkpoint's EMA model: NLL in bits/dim (full bound or an "
+        "unbiased subset estimate), Frechet distance and improved precision/recall of "
+        "strided samples, and a sample grid PNG.",
+    )
+    ev.add_argument("checkpoint", help="checkpoint directory (e.g. outputs/demo/checkpoint)")
+    ev.add_argument("--data", default="digits", help="'digits' or a prepared dataset URI")
+    ev.add_argument("--split", default="test", help="split of the real images")
+    ev.add_argument("--num-images", type=int, default=256, help="real images (NLL, stats)")
+    ev.add_argument("--nll", default="subset", choices=["full", "subset"])
+    ev.add_argument("--nll-timesteps", type=int, default=50, help="subset: terms per image")
+    ev.add_argument("--num-samples", type=int, default=256, help="samples for FD, P/R")
+    ev.add_argument("--sample-steps", default="100", help="strided steps: '100', 'ddim50'")
+    ev.add_argument("--sample-method", default="ancestral", choices=["ancestral", "ddim"])
+    ev.add_argument(
+        "--features",
+        choices=["digits", "inception"],
+        default=None,
+        help="feature network (default: digits for digits, else inception)",
+    )
+    ev.add_argument("--k", type=int, default=3, help="k of precision/recall")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/eval)")
+    ev.add_argument("--json", action="store_true", help="print one JSON document")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 
