@@ -26,6 +26,8 @@ lint format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/bits_per_dim.py
+	$(BIN)/python benchmarks/loader.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -4,10 +4,13 @@ unbiased estimate of it for curves during training.
 * ``kind="full"``: every image's complete variational bound, all T terms plus the prior
   (Nichol & Dhariwal 2021, Sec. 2.2 and Table 1; :func:`diffusion.likelihood.calc_bpd`);
 * ``kind="subset"``: for each image, K timesteps drawn by stratified sampling (one uniform
-  draw in each of K near-equal strata of [0, T)); with stratum sizes n_k the estimate
-  prior + sum_k n_k L_{t_k} is unbiased for the full bound. Its standard error is the
-  spread of the per-image estimates over sqrt(N), so it covers both the choice of images
-  and of timesteps.
+  draw in each of K strata of [0, T)); with stratum sizes n_k the estimate
+  prior + sum_k n_k L_{t_k} is unbiased for the full bound. The strata grow
+  geometrically with t (the first ones are single timesteps): L_t falls by orders of
+  magnitude over the first few steps (L_0 is the decoder), so small t are taken exactly
+  and only the flat tail is sampled, which cuts the variance several-fold compared with
+  equal strata. The standard error is the spread of the per-image estimates over
+  sqrt(N), so it covers both the choice of images and of timesteps.
 
 Results always carry their kind, T and the number of terms per image.
 """
@@ -57,11 +60,19 @@ def stratified_timesteps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One uniform timestep in each of ``k`` strata of [0, T), for ``n`` images.
 
-    Returns (t [n, k] int64, stratum sizes [k] float64); strata are [round(iT/k), ...).
+    Returns (t [n, k] int64, stratum sizes [k] float64). Stratum edges are
+    floor((T+1)^(i/k)) - 1, made strictly increasing: single timesteps first, then
+    geometrically wider strata; k = T gives every timestep once.
     """
     if not 1 <= k <= num_timesteps:
         raise ValueError(f"timesteps_per_image: must be in [1, T={num_timesteps}], got {k}")
-    edges = torch.tensor([round(i * num_timesteps / k) for i in range(k + 1)], dtype=torch.int64)
+    edges = [math.floor((num_timesteps + 1) ** (i / k)) - 1 for i in range(k + 1)]
+    edges[0], edges[k] = 0, num_timesteps
+    for i in range(1, k + 1):  # strictly increasing from the left ...
+        edges[i] = max(edges[i], edges[i - 1] + 1)
+    for i in range(k - 1, 0, -1):  # ... and leaving room for the strata on the right
+        edges[i] = min(edges[i], edges[i + 1] - 1)
+    edges = torch.tensor(edges, dtype=torch.int64)
     sizes = edges[1:] - edges[:-1]  # [k], all >= 1 since k <= T
     u = torch.rand(n, k, generator=generator, dtype=torch.float64)
     t = edges[:-1] + (u * sizes).floor().to(torch.int64).clamp(max=sizes - 1)  # [n, k]

@@ -21,9 +21,15 @@ def setup():
 
 def test_stratified_timesteps_cover_each_stratum():
     t, sizes = stratified_timesteps(10, 3, 500, generator=torch.Generator().manual_seed(0))
-    assert sizes.tolist() == [3.0, 4.0, 3.0] and t.shape == (500, 3)
-    assert set(t[:, 0].tolist()) == {0, 1, 2} and set(t[:, 1].tolist()) == {3, 4, 5, 6}
-    assert set(t[:, 2].tolist()) == {7, 8, 9}
+    # edges floor(11^(i/3)) - 1 = 0, 1, 3, 10: strata [0], [1, 2], [3, 10)
+    assert sizes.tolist() == [1.0, 2.0, 7.0] and t.shape == (500, 3)
+    assert set(t[:, 0].tolist()) == {0} and set(t[:, 1].tolist()) == {1, 2}
+    assert set(t[:, 2].tolist()) == set(range(3, 10))
+    for T, k in [(1000, 50), (4000, 100), (100, 99), (7, 3)]:
+        t, sizes = stratified_timesteps(T, k, 200, generator=torch.Generator().manual_seed(1))
+        assert sizes.sum() == T and (sizes >= 1).all()
+        edges = torch.cat([torch.zeros(1), sizes.cumsum(0)])
+        assert ((t >= edges[:-1]) & (t < edges[1:])).all()  # every draw in its stratum
     all_t, _ = stratified_timesteps(7, 7, 2)
     assert all_t.tolist() == [list(range(7))] * 2
     with pytest.raises(ValueError, match="timesteps_per_image"):
