@@ -50,6 +50,7 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A moto S3 server for the session, with one empty bucket; stopped (by pid) at the end."""
     import boto3  # a dev dependency: missing means a broken install, so fail, never skip
     import moto.server  # noqa: F401
+
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("moto") / "moto.log"

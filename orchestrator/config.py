@@ -1,0 +1,445 @@
+"""Typed, frozen configs of one training trial, validated at the boundary.
+
+A trial is data + model + diffusion + train + budget + eval + resources + tracking +
+storage, each a frozen dataclass whose defaults make a ~1-minute CPU trial on the offline
+digits. ``TrialConfig.from_dict`` (and ``from_yaml``, ``with_overrides``) check everything
+at once and raise one ``ConfigError`` listing every problem as ``{source}: {dotted.key}:
+{what was expected}, got {value}``, with the allowed keys or values.
+
+A missing section or key takes the trial default (except ``budget``: one choice among
+steps, images and flops, a given budget replaces the default one). Ints must be ints (a
+bool is not), floats accept ints, optional fields accept null.
+
+Values are read as YAML (``orchestrator.validation.load_yaml``: ``yaml.safe_load`` that
+also reads ``3e-4`` as a number).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from diffusion.gaussian import MEAN_TYPES, OBJECTIVES, VAR_TYPES, DiffusionConfig
+from diffusion.metrics.features import FEATURE_EXTRACTORS
+from diffusion.schedules import BETA_SCHEDULES, space_timesteps
+from diffusion.timesteps import SAMPLERS
+from diffusion.unet import MODEL_LADDER, UNetConfig, get_model_config
+from orchestrator.validation import (
+    ConfigError,
+    Problem,
+    Section,
+    build_section,
+    flatten,
+    load_yaml,
+    spec,
+    unknown_key,
+    uri_problem,
+)
+
+__all__ = [
+    "BudgetConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelSection",
+    "ResourcesConfig",
+    "StorageConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "TrialConfig",
+]
+
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a Ray run name and a directory name
+EVAL_SPAN = 100  # the first eval point sits at ~1/100 of the run: curves span two decades
+DIGITS_SPLITS = ("train", "test")
+_BUDGET_KINDS = ("steps", "images", "flops")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(Section):
+    """Training and evaluation images."""
+
+    section: ClassVar[str] = "data"
+    dataset: str = "digits"  # "digits" (offline, built in) or the URI of prepared Parquet shards
+    train_split: str = "train"
+    eval_split: str = "test"
+    flip: bool = False  # random horizontal flips (the paper flips CIFAR-10 and ImageNet)
+    endpoint_url: str | None = None  # S3-compatible endpoint of the dataset URI
+
+    def _check(self) -> list[Problem]:
+        splits = {"train_split": self.train_split, "eval_split": self.eval_split}
+        problems = [(k, "expected a non-empty string") for k, v in splits.items() if not v]
+        if self.dataset == "digits":
+            allowed = f"expected one of {list(DIGITS_SPLITS)} for the digits"
+            problems += [(k, f"{allowed}, got {v!r}") for k, v in splits.items() if v and
+                         v not in DIGITS_SPLITS]  # fmt: skip
+        uri = (
+            uri_problem("dataset", self.dataset)
+            if self.dataset
+            else ("dataset", "expected a non-empty string")
+        )
+        return problems + ([uri] if uri else [])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSection(Section):
+    """A ``MODEL_LADDER`` size, with any ``UNetConfig`` fields replaced by ``overrides``.
+
+    A model off the ladder is the nearest ladder name with its fields overridden (every field
+    may be, so a fully explicit UNet is possible). ``learn_sigma`` normally follows the
+    diffusion: see ``TrialConfig.model_config``.
+    """
+
+    section: ClassVar[str] = "model"
+    name: str = spec("digits-xs", choices=tuple(MODEL_LADDER))  # 0.72M params, 8x8 grey
+    overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"model_channels": 64}
+
+    def __post_init__(self) -> None:
+        if isinstance(self.overrides, dict):  # tuples become lists: round trips compare equal
+            plain = {k: list(v) if isinstance(v, tuple) else v for k, v in self.overrides.items()}
+            object.__setattr__(self, "overrides", plain)
+        super().__post_init__()
+
+    def _check(self) -> list[Problem]:
+        allowed = [f.name for f in dataclasses.fields(UNetConfig)]
+        if unknown := [k for k in self.overrides if k not in allowed]:
+            return [unknown_key(f"overrides.{k}", allowed) for k in unknown]
+        try:
+            self.resolve()
+        except (ValueError, TypeError) as error:
+            found = re.match(r"UNetConfig\.(\w+)", str(error))
+            key = found[1] if found and found[1] in self.overrides else ""
+            return [(f"overrides.{key}".rstrip("."), str(error))]
+        return []
+
+    def resolve(self, learn_sigma: bool | None = None) -> UNetConfig:
+        """The UNetConfig; ``learn_sigma`` (unless overridden) sets the output channels."""
+        overrides = dict(self.overrides)
+        if learn_sigma is not None:
+            if overrides.setdefault("learn_sigma", learn_sigma) != learn_sigma:
+                raise ValueError(
+                    f"learn_sigma={overrides['learn_sigma']} contradicts the diffusion, which "
+                    f"{'learns' if learn_sigma else 'fixes'} the variance"
+                )
+        return get_model_config(self.name, **overrides)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(Section):
+    """Optimisation (Nichol & Dhariwal 2021 train with Adam, lr 1e-4, EMA 0.9999, for 500K
+    steps; the defaults are the demo's calibration for runs of a few hundred steps)."""
+
+    section: ClassVar[str] = "train"
+    batch_size: int = spec(64, ge=1)  # global, split evenly over the workers
+    lr: float = spec(1e-3, gt=0)  # AdamW learning rate
+    weight_decay: float = spec(0.0, ge=0)
+    ema_rate: float = spec(0.995, ge=0, lt=1)  # averaging horizon ~ 1 / (1 - rate) steps
+    grad_clip: float | None = spec(1.0, gt=0)  # max global grad norm; null: no clipping
+    timestep_sampler: str = spec("uniform", choices=tuple(SAMPLERS))  # Eq. 18: loss-second-moment
+    bf16: bool = False  # bf16 autocast for the model (math stays float32/64)
+    seed: int = spec(0, ge=0)
+    log_every: int = spec(10, ge=1)  # steps between train/* metric logs
+    checkpoint_every: int = spec(100, ge=1)  # steps between checkpoints (eval points add more)
+    keep_checkpoints: int = spec(2, ge=1)  # newest checkpoints kept in storage
+    max_failures: int = spec(1, ge=-1)  # restarts from the last checkpoint; -1: unlimited
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetConfig(Section):
+    """Training compute, as exactly one of optimizer steps, images seen, or FLOPs."""
+
+    section: ClassVar[str] = "budget"
+    steps: int | None = spec(None, gt=0)
+    images: int | None = spec(None, gt=0)
+    flops: float | None = spec(None, gt=0)  # training FLOPs (3 x forward, Sec. 6)
+
+    def _check(self) -> list[Problem]:
+        given = [k for k in _BUDGET_KINDS if getattr(self, k) is not None]
+        if len(given) == 1:
+            return []
+        return [("", f"expected exactly one of {list(_BUDGET_KINDS)}, got {given or 'none'}")]
+
+    @property
+    def kind(self) -> str:
+        """Which budget is set: "steps", "images" or "flops"."""
+        return next(k for k in _BUDGET_KINDS if getattr(self, k) is not None)
+
+    def total_steps(self, global_batch: int, forward_flops_per_image: float | None = None) -> int:
+        """Optimizer steps the budget buys (at least 1), rounding up.
+
+        Training FLOPs = 3 x forward FLOPs x images (Nichol & Dhariwal 2021, Sec. 6; the
+        backward pass costs about twice the forward, Kaplan et al. 2020).
+        """
+        if self.steps is not None:
+            return self.steps
+        if self.images is not None:
+            return max(1, -(-self.images // global_batch))
+        if not forward_flops_per_image or forward_flops_per_image <= 0:
+            raise ValueError("forward_flops_per_image: a flops budget needs it > 0")
+        images = self.flops / (3.0 * forward_flops_per_image)
+        return max(1, math.ceil(round(images / global_batch, 6)))  # round off float noise
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(Section):
+    """What the training loop measures at its eval points (EMA model)."""
+
+    section: ClassVar[str] = "eval"
+    num_points: int = spec(4, ge=0)  # eval points evenly spaced in log-compute, plus the end
+    nll_images: int = spec(64, ge=1)  # held-out images for bits/dim
+    nll_timesteps: int = spec(50, ge=1)  # terms per image of the subset NLL estimate
+    full_nll_at_end: bool = False  # all T terms at the end (the paper's number; slow)
+    fid_samples: int = spec(64, ge=0)  # samples for FD, precision/recall; 0 disables them
+    sample_steps: str = "50"  # strided sampling (Sec. 4): "50", "10,15,20" or "ddim25"
+    features: str | None = spec(None, choices=FEATURE_EXTRACTORS)  # null: by dataset
+    k: int = spec(3, ge=1)  # k of improved precision/recall
+    grid_samples: int = spec(36, ge=0)  # samples in the logged image grid; 0: none
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sample_steps, int) and not isinstance(self.sample_steps, bool):
+            object.__setattr__(self, "sample_steps", str(self.sample_steps))  # YAML: 50
+        super().__post_init__()
+
+    def _check(self) -> list[Problem]:
+        if 0 < self.fid_samples <= self.k:
+            return [("fid_samples", f"expected 0 or more than k={self.k}, got {self.fid_samples}")]
+        return []
+
+    def feature_name(self, dataset: str) -> str:
+        """The feature extractor: ``features``, else "digits" for the digits, else "inception"."""
+        return self.features or ("digits" if dataset == "digits" else "inception")
+
+    def eval_steps(self, total_steps: int) -> list[int]:
+        """Sorted unique steps in [1, total_steps], ending at total_steps.
+
+        ``num_points`` points evenly spaced in log(step) from ~total_steps / EVAL_SPAN (at
+        least step 1), plus the end; rounding may merge points of short runs.
+        """
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps: expected a positive integer, got {total_steps!r}")
+        first = max(1.0, total_steps / EVAL_SPAN)
+        ratio = (total_steps / first) ** (1.0 / max(1, self.num_points))
+        points = {min(total_steps, max(1, round(first * ratio**i))) for i in range(self.num_points)}
+        return sorted(points | {total_steps})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResourcesConfig(Section):
+    """Ray Train scaling of one trial."""
+
+    section: ClassVar[str] = "resources"
+    num_workers: int = spec(1, ge=1)  # DDP workers
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = spec(1.0, gt=0)  # fractions allowed (Ray resources)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig(Section):
+    """MLflow tracking server and experiment."""
+
+    section: ClassVar[str] = "tracking"
+    uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
+    experiment: str = "diffscale"
+
+    def _check(self) -> list[Problem]:
+        empty = [k for k in ("uri", "experiment") if getattr(self, k) == ""]
+        return [(k, "expected a non-empty string") for k in empty]
+
+    def resolve_uri(self) -> str:
+        """The tracking URI; the SQLite default as an absolute path (Ray workers change cwd)."""
+        return (
+            self.uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or ("sqlite:///" + os.path.abspath("mlflow.db"))
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageConfig(Section):
+    """Where Ray Train puts checkpoints: a local directory or s3://bucket/prefix."""
+
+    section: ClassVar[str] = "storage"
+    path: str = "./diffscale_runs"
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto)
+
+    def _check(self) -> list[Problem]:
+        problem = uri_problem("path", self.path) if self.path else ("path", "expected a path")
+        return [problem] if problem else []
+
+    def resolve_path(self) -> str:
+        """An absolute local path (Ray needs one; workers change cwd) or the URI unchanged."""
+        return self.path if "://" in self.path else os.path.abspath(self.path)
+
+
+_DIFFUSION_RULES = {
+    "schedule": {"choices": tuple(BETA_SCHEDULES)},
+    "num_timesteps": {"ge": 1},
+    "mean_type": {"choices": MEAN_TYPES},
+    "var_type": {"choices": VAR_TYPES},
+    "objective": {"choices": OBJECTIVES},
+    "hybrid_lambda": {"gt": 0},
+}
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelSection,
+    "diffusion": DiffusionConfig,
+    "train": TrainConfig,
+    "budget": BudgetConfig,
+    "eval": EvalConfig,
+    "resources": ResourcesConfig,
+    "tracking": TrackingConfig,
+    "storage": StorageConfig,
+}
+
+
+def _name_problems(name: Any) -> list[Problem]:
+    if isinstance(name, str) and re.fullmatch(NAME_PATTERN, name):
+        return []
+    return [("name", f"expected a name matching {NAME_PATTERN}, got {name!r}")]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialConfig:
+    """One training trial: everything the Ray Train worker loop needs."""
+
+    name: str  # the Ray run name and the trial's directory: NAME_PATTERN
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(num_timesteps=1000))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    budget: BudgetConfig = field(default_factory=lambda: BudgetConfig(steps=500))  # ~35 s of CPU
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        wrong = [k for k, c in _SECTIONS.items() if not isinstance(getattr(self, k), c)]
+        problems = [
+            (k, f"expected a {_SECTIONS[k].__name__}, got {getattr(self, k)!r}") for k in wrong
+        ]
+        problems += _name_problems(self.name)
+        if problems or (problems := self._check()):
+            raise ConfigError(problems)
+
+    def _check(self) -> list[Problem]:
+        """Impossible combinations across sections."""
+        problems: list[Problem] = []
+        batch, workers = self.train.batch_size, self.resources.num_workers
+        if batch % workers:
+            msg = f"expected a multiple of resources.num_workers={workers}, got {batch}"
+            problems.append(("train.batch_size", msg))
+        T = self.diffusion.num_timesteps
+        try:
+            space_timesteps(T, self.eval.sample_steps)
+        except ValueError as error:
+            problems.append(("eval.sample_steps", f"{error} (T is diffusion.num_timesteps)"))
+        if self.eval.nll_timesteps > T:
+            msg = f"expected <= diffusion.num_timesteps={T}, got {self.eval.nll_timesteps}"
+            problems.append(("eval.nll_timesteps", msg))
+        try:
+            unet = self.model_config()
+        except ValueError as error:
+            return [*problems, ("model.overrides.learn_sigma", str(error))]
+        shape = f"{unet.in_channels}x{unet.image_size}x{unet.image_size}"
+        if self.data.dataset == "digits" and shape != "1x8x8":
+            msg = f"the digits are 1x8x8 images; {self.model.name!r} (with overrides) takes {shape}"
+            problems.append(("model", msg))
+        return problems
+
+    def model_config(self) -> UNetConfig:
+        """The UNet to train: 2C outputs exactly when the diffusion learns the variance."""
+        return self.model.resolve(learn_sigma=self.diffusion.learns_sigma)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> TrialConfig:
+        """Validate ``d`` completely; every problem goes into one ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError([("", f"expected a mapping, got {d!r}")], source)
+        allowed = ["name", *_SECTIONS]
+        problems = [unknown_key(k, allowed) for k in d if k not in allowed]
+        if "name" not in d:
+            problems.append(("name", f"required: a name matching {NAME_PATTERN}"))
+        else:
+            problems += _name_problems(d["name"])
+        defaults = cls(name="default")
+        sections = {key: getattr(defaults, key) for key in _SECTIONS}
+        for key in [k for k in _SECTIONS if k in d]:
+            try:
+                # A budget is one choice of three: a given one replaces the default.
+                base = {} if key == "budget" else sections[key].to_dict()
+                rules = _DIFFUSION_RULES if key == "diffusion" else None
+                sections[key] = build_section(_SECTIONS[key], key, d[key], base, rules)
+            except ConfigError as error:
+                problems += error.problems
+        if not problems:
+            try:
+                return cls(name=d["name"], **sections)
+            except ConfigError as error:
+                problems += error.problems
+        raise ConfigError(problems, source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrialConfig:
+        """Read a YAML (or JSON) file; problems name the file."""
+        try:
+            data = load_yaml(Path(path).read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError([("", f"invalid YAML: {error}")], str(path)) from None
+        return cls.from_dict({} if data is None else data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types; ``from_dict(to_dict())`` gives an equal config."""
+        return {"name": self.name, **{k: getattr(self, k).to_dict() for k in _SECTIONS}}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, overrides: Iterable[str], source: str = "<overrides>") -> TrialConfig:
+        """A copy with ``dotted.key=value`` items applied (values parsed as YAML), validated.
+
+        Setting one budget kind (``budget.images=64000``) clears the other two.
+        """
+        d, problems = self.to_dict(), []
+        for item in overrides:
+            key, sep, text = item.partition("=")
+            key = key.strip()
+            *parents, last = key.split(".")
+            if not sep or not all([*parents, last]):
+                problems.append((item, "expected dotted.key=value"))
+                continue
+            try:
+                value = load_yaml(text)
+            except yaml.YAMLError as error:
+                problems.append((key, f"cannot parse {text!r}: {error}"))
+                continue
+            node = d
+            for i, part in enumerate(parents):
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    problems.append((key, f"{'.'.join(parents[: i + 1])} holds no keys"))
+                    break
+            else:
+                if parents == ["budget"] and last in _BUDGET_KINDS and value is not None:
+                    node.update(dict.fromkeys(_BUDGET_KINDS))
+                node[last] = value
+        if problems:
+            raise ConfigError(problems, source)
+        return type(self).from_dict(d, source=source)
+
+    def flatten(self) -> dict[str, str | int | float | bool]:
+        """Dotted keys for MLflow params, the resolved UNet as ``model.resolved.*``; lists
+        become JSON text and nulls "null"."""
+        out: dict[str, str | int | float | bool] = {}
+        flatten("", self.to_dict(), out)
+        flatten("model.resolved", self.model_config().to_dict(), out)
+        return out
