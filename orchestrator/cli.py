@@ -156,6 +156,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.config import ConfigError, TrialConfig
+
+    try:
+        cfg = TrialConfig.from_yaml(args.config)
+        if args.set:
+            cfg = cfg.with_overrides(args.set)
+    except (ConfigError, OSError) as e:
+        print(f"diffscale train: error: {e}", file=sys.stderr)
+        return 2
+    from orchestrator.train import run_trial
+
+    print(f"diffscale train: trial {cfg.name!r}, {cfg.resources.num_workers} worker(s), "
+          f"storage {cfg.storage.path}, MLflow {cfg.tracking.resolve_uri()}")  # fmt: skip
+    import ray.train
+
+    try:
+        result = run_trial(cfg)
+    except ray.train.TrainingFailedError as e:
+        print(f"diffscale train: trial {cfg.name!r} failed: {e}", file=sys.stderr)
+        return 1
+    metrics = {k: v for k, v in (result.metrics or {}).items() if "/" in k}
+    print(tabulate(sorted(metrics.items()), headers=["metric", "final value"]))
+    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else '-'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffscale",
@@ -230,6 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/eval)")
     ev.add_argument("--json", action="store_true", help="print one JSON document")
     ev.set_defaults(func=_cmd_eval)
+
+    tr = sub.add_parser(
+        "train",
+        help="train one trial on Ray (resumes if the trial already has checkpoints)",
+        description="Train one trial (a trial YAML) with Ray Train on the local Ray or the "
+        "cluster in RAY_ADDRESS. Re-running the same trial name with the same storage "
+        "continues from its newest checkpoint and the same MLflow run.",
+    )
+    tr.add_argument("config", help="trial YAML, e.g. sweeps/trial_digits.yaml")
+    tr.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    tr.set_defaults(func=_cmd_train)
     return parser
 
 
