@@ -70,7 +70,9 @@ class EvalOptions:
         return self.features or ("digits" if self.data == "digits" else "inception")
 
 
-def load_real_images(data: str, split: str, limit: int) -> np.ndarray:
+def load_real_images(
+    data: str, split: str, limit: int, endpoint_url: str | None = None
+) -> np.ndarray:
     """The first ``limit`` images of a split as uint8 [N, C, H, W].
 
     ``data`` is "digits" (offline) or the URI of a prepared dataset (Parquet shards); only
@@ -78,7 +80,7 @@ def load_real_images(data: str, split: str, limit: int) -> np.ndarray:
     """
     if data == "digits":
         return load_digits_uint8(split)[0][:limit]
-    dataset = open_dataset(data)
+    dataset = open_dataset(data, endpoint_url=endpoint_url)
     if split not in dataset.splits:
         raise ValueError(f"split: {data} has no split {split!r}; it has {sorted(dataset.splits)}")
     parts, have = [], 0

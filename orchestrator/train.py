@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from diffusion.data import ShardLoader, prepare_dataset, to_model_range
+from diffusion.data.storage import resolve
 from diffusion.evaluation import evaluate_nll
 from diffusion.flops import forward_flops_per_image, training_flops
 from diffusion.metrics import (
@@ -179,7 +180,8 @@ class _Window:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """The Ray Train worker: ``loop_config = {"trial": TrialConfig.to_dict(), "data_uri": str}``."""
+    """The Ray Train worker; ``loop_config`` = {"trial": TrialConfig.to_dict(), "data_uri",
+    "data_endpoint"}."""
     import ray.train
     import ray.train.torch
 
@@ -205,7 +207,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loader = ShardLoader(
         loop_config["data_uri"], cfg.data.train_split, global_batch // world, rank=rank,
         world_size=world, seed=cfg.train.seed, flip=cfg.data.flip,
-        endpoint_url=cfg.data.endpoint_url,
+        endpoint_url=loop_config.get("data_endpoint"),
     )  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + rank)
     torch.manual_seed(cfg.train.seed * 7919 + rank)  # dropout: a different stream per rank
@@ -343,7 +345,8 @@ def _report_checkpoint(cfg, rank, step, images, fwd_flops, run_id, model, ema, o
 def _evaluate(cfg: TrialConfig, diffusion, ema_model, device, step, tracker, final) -> dict:
     """Rank 0 at an eval point: NLL, FD and precision/recall from EMA samples, a grid."""
     ev = cfg.eval
-    real = load_real_images(cfg.data.dataset, cfg.data.eval_split, ev.nll_images)
+    real = load_real_images(cfg.data.dataset, cfg.data.eval_split, ev.nll_images,
+                            endpoint_url=cfg.data.endpoint_url)  # fmt: skip
     real_x = to_model_range(real)
     kind = "full" if final and ev.full_nll_at_end else "subset"
     nll = evaluate_nll(diffusion, ema_model, real_x.split(64), kind=kind,
@@ -375,13 +378,14 @@ def _evaluate(cfg: TrialConfig, diffusion, ema_model, device, step, tracker, fin
 
 
 # --------------------------------------------------------------------------- driver
-def prepare_trial_data(cfg: TrialConfig) -> str:
-    """URI of the training data; the built-in digits are prepared once under the storage."""
+def prepare_trial_data(cfg: TrialConfig) -> tuple[str, str | None]:
+    """(URI, S3 endpoint) of the training data; the built-in digits are prepared once as
+    shards under the trial storage, so every worker reads them the same way."""
     if cfg.data.dataset != "digits":
-        return cfg.data.dataset
-    uri = os.path.join(cfg.storage.path, "datasets", "digits")
+        return cfg.data.dataset, cfg.data.endpoint_url
+    uri = cfg.storage.path.rstrip("/") + "/datasets/digits"
     prepare_dataset("digits", uri, endpoint_url=cfg.storage.endpoint_url)
-    return uri
+    return uri, cfg.storage.endpoint_url
 
 
 def run_trial(cfg: TrialConfig):
@@ -399,20 +403,23 @@ def run_trial(cfg: TrialConfig):
     cfg = cfg.with_overrides(
         [f"tracking.uri={cfg.tracking.resolve_uri()}", f"storage.path={cfg.storage.resolve_path()}"]
     )
-    data_uri = prepare_trial_data(cfg)
+    data_uri, data_endpoint = prepare_trial_data(cfg)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
                  log_to_driver=True)  # fmt: skip
-    storage = cfg.storage.path
+    storage, storage_fs = cfg.storage.path, None
+    if storage.startswith("s3://"):  # explicit filesystem: honours the endpoint override
+        storage_fs, storage = resolve(storage, endpoint_url=cfg.storage.endpoint_url)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"trial": cfg.to_dict(), "data_uri": data_uri},
+        train_loop_config={"trial": cfg.to_dict(), "data_uri": data_uri,
+                           "data_endpoint": data_endpoint},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
             resources_per_worker={"CPU": cfg.resources.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=storage,
+            name=cfg.name, storage_path=storage, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
