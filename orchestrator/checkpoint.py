@@ -65,7 +65,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Any], meta: dict[str, A
         manifest = {
             "format_version": FORMAT_VERSION,
             "files": {
-                name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+                name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                 for name in sorted(files)
             },
         }
@@ -100,7 +100,7 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[dict[str, An
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path}: {name} is listed in the manifest but missing")
-        if verify and _sha256(file) != entry["sha256"]:
+        if verify and sha256_file(file) != entry["sha256"]:
             raise CheckpointError(f"{file}: checksum mismatch (truncated or corrupt)")
     meta = json.loads((path / META).read_text())
     tensors = {
@@ -147,7 +147,8 @@ def load_model_checkpoint(path: str | Path, device: torch.device | str = "cpu") 
     )
 
 
-def _sha256(file: Path) -> str:
+def sha256_file(file: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(file, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

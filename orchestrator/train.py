@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from diffusion.sampling import sample, save_image_grid
 from diffusion.timesteps import create_sampler
 from diffusion.training import EMA, make_optimizer, train_step
 from diffusion.unet import UNet
+from orchestrator.checkpoint import sha256_file
 from orchestrator.config import TrialConfig
 from orchestrator.evaluate import load_real_images
 
@@ -54,16 +56,6 @@ META_FILE = "meta.json"  # rank 0: step, images, FLOPs, run id, resolved config
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_rank_files(directory: Path, rank: int, files: dict[str, Any]) -> None:
     """Save ``files`` (name -> object, torch.save or JSON for .json) and this rank's manifest."""
     entries = {}
@@ -73,7 +65,7 @@ def write_rank_files(directory: Path, rank: int, files: dict[str, Any]) -> None:
             path.write_text(json.dumps(obj, indent=2, sort_keys=True))
         else:
             torch.save(obj, path)
-        entries[name] = _sha256(path)
+        entries[name] = sha256_file(path)
     (directory / MANIFEST_FILE.format(rank=rank)).write_text(json.dumps(entries, indent=2))
 
 
@@ -85,7 +77,7 @@ def verify_checkpoint_dir(directory: Path, world_size: int) -> None:
             raise ValueError(f"{directory}: no {manifest.name} (incomplete checkpoint)")
         for name, digest in json.loads(manifest.read_text()).items():
             path = directory / name
-            if not path.is_file() or _sha256(path) != digest:
+            if not path.is_file() or sha256_file(path) != digest:
                 raise ValueError(f"{directory}: {name} is missing or corrupt")
 
 
@@ -311,6 +303,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     finally:
         if tracker is not None:
             tracker.close("FAILED")
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _report_checkpoint(cfg, rank, step, images, fwd_flops, run_id, model, ema, optimizer,
