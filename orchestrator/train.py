@@ -125,6 +125,25 @@ class CheckpointState:
         return cls(None, None)
 
 
+def unfinished_run_id(tracking_uri: str, experiment: str, trial: str) -> str | None:
+    """The newest MLflow run of ``trial`` that did not finish, if any.
+
+    Ray restarts a worker group from scratch when it fails before its first checkpoint is
+    committed; that attempt's run (tagged ``trial``) is continued rather than orphaned.
+    Steps it already logged are not logged again, and on the CPU they replay bit-exactly.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.trial = '{trial}'", order_by=["attributes.start_time DESC"]
+    )
+    return next((r.info.run_id for r in runs if r.info.status != "FINISHED"), None)
+
+
 # --------------------------------------------------------------------------- worker loop
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -229,6 +248,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         from orchestrator.tracking import RunLogger
 
+        if run_id is None:  # a restart before any checkpoint committed: reuse its run
+            run_id = unfinished_run_id(cfg.tracking.resolve_uri(), cfg.tracking.experiment,
+                                       cfg.name)  # fmt: skip
         tracker = RunLogger(
             cfg.tracking.resolve_uri(), cfg.tracking.experiment, run_id=run_id,
             run_name=cfg.name, tags={"trial": cfg.name},

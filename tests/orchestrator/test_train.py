@@ -68,6 +68,15 @@ def final_weights(result):
     return state["model"], state["ema"]
 
 
+def registered_steps(run_dir):
+    """Steps of the checkpoints Ray has committed (its checkpoint-manager snapshot)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [int(c["metrics"]["step"]) for c in snapshot.get("checkpoint_results", [])]
+
+
 def worker_pids():
     pids = []
     for entry in Path("/proc").iterdir():
@@ -93,14 +102,15 @@ def test_trial_logs_every_metric_and_survives_a_killed_worker_exactly(env):
         assert [s for s, _ in history(env, "ref", key)[1]] == [1, 100], key
     assert run.data.params["train.lr"] == "0.001" and run.info.status == "FINISHED"
 
-    # the same trial under another name; one worker SIGKILLed after two checkpoints
+    # the same trial under another name; one worker SIGKILLed once Ray has committed a
+    # checkpoint at step >= 20
     runs = env / "runs" / "killed"
     killed = []
 
     def killer():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
-            if len([p for p in runs.glob("checkpoint_*") if p.is_dir()]) >= 2 and worker_pids():
+            if registered_steps(runs) and max(registered_steps(runs)) >= 20 and worker_pids():
                 pid = worker_pids()[-1]
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -190,3 +200,18 @@ def test_s3_storage_writes_and_restores_checkpoints(env, s3):
     assert meta["step"] == 40
     _, loss = history(env, "s3trial", "train/loss")
     assert [s for s, _ in loss] == [10, 20, 30, 40]
+
+
+def test_unfinished_run_of_a_trial_is_found_for_reuse(tmp_path):
+    from orchestrator.train import unfinished_run_id
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = mlflow.MlflowClient(uri)
+    assert unfinished_run_id(uri, "exp", "a") is None  # no experiment yet
+    exp = client.create_experiment("exp")
+    done = client.create_run(exp, tags={"trial": "a"})
+    client.set_terminated(done.info.run_id, "FINISHED")
+    assert unfinished_run_id(uri, "exp", "a") is None  # a finished run is never reused
+    crashed = client.create_run(exp, tags={"trial": "a"})
+    client.create_run(exp, tags={"trial": "b"})
+    assert unfinished_run_id(uri, "exp", "a") == crashed.info.run_id
