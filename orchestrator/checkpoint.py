@@ -1,14 +1,20 @@
-"""Checkpoint directories: tensors in ``*.pt`` files, metadata in ``meta.json``, and a
-``manifest.json`` with a SHA-256 per file, written last.
+"""Checkpoint directories: tensors in ``*.pt`` files, metadata in ``meta.json``, and
+SHA-256 manifests, in one of two layouts:
+
+* single writer (:func:`save_checkpoint`, e.g. the demo): ``model.pt``, ``ema.pt`` and one
+  ``manifest.json`` written last;
+* one writer per DDP rank (Ray Train trials, :func:`write_rank_files`): rank 0 writes
+  ``trainer_state.pt`` (model, EMA, optimizer, sampler, data position) and ``meta.json``,
+  every rank its ``rng_rank{r}.pt``, and each its own ``manifest_rank{r}.json``.
+
 
 A checkpoint is built under a temporary name and renamed into place, so a crash never
 leaves a half checkpoint that looks whole; a reader verifies every checksum and refuses
 a directory whose manifest is missing or whose files do not match it. Tensors are read
 back with ``torch.load(weights_only=True)``.
 
-Every checkpoint that :func:`load_model_checkpoint` can evaluate holds ``model.pt`` and
-``ema.pt`` (state dicts of the UNet and its EMA) and, in ``meta.json``, the model and
-diffusion configs under "model" and "diffusion".
+:func:`load_model_checkpoint` evaluates either layout: both keep the model and diffusion
+configs in ``meta.json`` under "model" and "diffusion".
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 META = "meta.json"
 FORMAT_VERSION = 1
+STATE_FILE = "trainer_state.pt"  # per-rank layout, rank 0: model, EMA, optimizer, ...
+RNG_FILE = "rng_rank{rank}.pt"  # per-rank layout: each rank's RNG states
+RANK_MANIFEST = "manifest_rank{rank}.json"  # per-rank layout: sha256 of that rank's files
 
 __all__ = [
     "CheckpointError",
@@ -40,6 +49,8 @@ __all__ = [
     "load_checkpoint",
     "load_model_checkpoint",
     "save_checkpoint",
+    "verify_rank_manifests",
+    "write_rank_files",
 ]
 
 
@@ -111,6 +122,32 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[dict[str, An
     return tensors, meta
 
 
+def write_rank_files(directory: Path, rank: int, files: dict[str, Any]) -> None:
+    """Save one rank's ``files`` (name -> object: JSON for ``.json``, else torch.save) and
+    that rank's manifest; Ray merges every rank's files into one checkpoint directory."""
+    entries = {}
+    for name, obj in files.items():
+        path = directory / name
+        if name.endswith(".json"):
+            path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        else:
+            torch.save(obj, path)
+        entries[name] = sha256_file(path)
+    (directory / RANK_MANIFEST.format(rank=rank)).write_text(json.dumps(entries, indent=2))
+
+
+def verify_rank_manifests(directory: Path, world_size: int) -> None:
+    """Raise CheckpointError unless every rank's manifest is there and every file matches."""
+    for rank in range(world_size):
+        manifest = directory / RANK_MANIFEST.format(rank=rank)
+        if not manifest.is_file():
+            raise CheckpointError(f"{directory}: no {manifest.name} (incomplete checkpoint)")
+        for name, digest in json.loads(manifest.read_text()).items():
+            path = directory / name
+            if not path.is_file() or sha256_file(path) != digest:
+                raise CheckpointError(f"{directory}: {name} is missing or corrupt")
+
+
 @dataclass
 class ModelCheckpoint:
     """A trained model ready for evaluation: the UNet, its EMA and the process."""
@@ -124,8 +161,15 @@ class ModelCheckpoint:
 
 
 def load_model_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> ModelCheckpoint:
-    """Rebuild the model, its EMA and the diffusion process of a checkpoint (eval mode)."""
-    tensors, meta = load_checkpoint(path)
+    """Rebuild the model, its EMA and the diffusion process of a checkpoint (eval mode),
+    in either layout."""
+    path = Path(path)
+    if (path / RANK_MANIFEST.format(rank=0)).is_file():
+        meta = json.loads((path / META).read_text())
+        verify_rank_manifests(path, int(meta.get("world_size", 1)))
+        tensors = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    else:
+        tensors, meta = load_checkpoint(path)
     for key in ("model", "diffusion"):
         if key not in meta:
             raise CheckpointError(f"{path}: {META} has no {key!r} config")

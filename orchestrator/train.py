@@ -41,44 +41,20 @@ from diffusion.sampling import sample, save_image_grid
 from diffusion.timesteps import create_sampler
 from diffusion.training import EMA, make_optimizer, train_step
 from diffusion.unet import UNet
-from orchestrator.checkpoint import sha256_file
+from orchestrator.checkpoint import (
+    META,
+    RNG_FILE,
+    STATE_FILE,
+    CheckpointError,
+    verify_rank_manifests,
+    write_rank_files,
+)
 from orchestrator.config import TrialConfig
 from orchestrator.evaluate import load_real_images
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointState", "run_trial", "train_loop_per_worker"]
-
-STATE_FILE = "trainer_state.pt"  # rank 0: model, EMA, optimizer, sampler, data position
-RNG_FILE = "rng_rank{rank}.pt"  # every rank: its torch RNG and step-noise generator
-MANIFEST_FILE = "manifest_rank{rank}.json"  # every rank: sha256 of the files it wrote
-META_FILE = "meta.json"  # rank 0: step, images, FLOPs, run id, resolved config
-
-
-# --------------------------------------------------------------------------- checkpoints
-def write_rank_files(directory: Path, rank: int, files: dict[str, Any]) -> None:
-    """Save ``files`` (name -> object, torch.save or JSON for .json) and this rank's manifest."""
-    entries = {}
-    for name, obj in files.items():
-        path = directory / name
-        if name.endswith(".json"):
-            path.write_text(json.dumps(obj, indent=2, sort_keys=True))
-        else:
-            torch.save(obj, path)
-        entries[name] = sha256_file(path)
-    (directory / MANIFEST_FILE.format(rank=rank)).write_text(json.dumps(entries, indent=2))
-
-
-def verify_checkpoint_dir(directory: Path, world_size: int) -> None:
-    """Raise ValueError unless every rank's manifest is there and every checksum matches."""
-    for rank in range(world_size):
-        manifest = directory / MANIFEST_FILE.format(rank=rank)
-        if not manifest.is_file():
-            raise ValueError(f"{directory}: no {manifest.name} (incomplete checkpoint)")
-        for name, digest in json.loads(manifest.read_text()).items():
-            path = directory / name
-            if not path.is_file() or sha256_file(path) != digest:
-                raise ValueError(f"{directory}: {name} is missing or corrupt")
 
 
 class CheckpointState:
@@ -111,9 +87,9 @@ class CheckpointState:
             local = scratch / Path(path).name
             try:
                 ray.train.Checkpoint(path=path, filesystem=fs).to_directory(str(local))
-                verify_checkpoint_dir(local, world_size)
-                meta = json.loads((local / META_FILE).read_text())
-            except (OSError, ValueError) as exc:
+                verify_rank_manifests(local, world_size)
+                meta = json.loads((local / META).read_text())
+            except (OSError, ValueError, CheckpointError) as exc:
                 log.warning("skipping checkpoint %s: %s", path, exc)
                 continue
             if path != latest.path:
@@ -347,7 +323,7 @@ def _report_checkpoint(cfg, rank, step, images, fwd_flops, run_id, model, ema, o
                 "sampler": sampler.state_dict(),
                 "loader": loader.state_dict(),
             }
-            files[META_FILE] = {
+            files[META] = {
                 "step": step, "images": images, "flops": training_flops(fwd_flops, images),
                 "mlflow_run_id": run_id, "config": cfg.to_dict(), "world_size": loader.world_size,
                 "model": cfg.model_config().to_dict(), "diffusion": cfg.diffusion.to_dict(),

@@ -15,8 +15,10 @@ import pytest
 import ray
 import torch
 
+from orchestrator.checkpoint import META as META_FILE
+from orchestrator.checkpoint import STATE_FILE, load_model_checkpoint
 from orchestrator.config import TrialConfig
-from orchestrator.train import META_FILE, STATE_FILE, run_trial
+from orchestrator.train import run_trial
 from tests.conftest import S3_CREDENTIALS
 
 BASE = {
@@ -101,6 +103,11 @@ def test_trial_logs_every_metric_and_survives_a_killed_worker_exactly(env):
     for key in ("eval/nll_bpd", "eval/digits_fd", "eval/precision", "eval/recall"):
         assert [s for s, _ in history(env, "ref", key)[1]] == [1, 100], key
     assert run.data.params["train.lr"] == "0.001" and run.info.status == "FINISHED"
+    # `diffscale eval` reads a trial checkpoint: the same EMA weights, the trial's process
+    evaluable = load_model_checkpoint(ref.checkpoint.path)
+    for key, value in final_weights(ref)[1].items():
+        assert torch.equal(evaluable.ema_model.state_dict()[key], value), key
+    assert evaluable.diffusion.num_timesteps == 100 and evaluable.meta["step"] == 100
 
     # the same trial under another name; one worker SIGKILLed once Ray has committed a
     # checkpoint at step >= 20
