@@ -1,0 +1,1 @@
+"""Analysis: MLflow -> Arrow tables, power-law fits, frontier, tables and plots."""

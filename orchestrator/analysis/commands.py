@@ -1,0 +1,390 @@
+"""``diffscale fit`` and ``diffscale table``: scaling fits and the paper's ablation table from a
+sweep's MLflow experiment (or, for ``fit``, from a plain CSV/Parquet table).
+
+Exit codes: 0 ok, 2 bad input (the message names the file, column, experiment or flag and
+what is allowed), 1 failure (tracking server, fitter or file system).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from mlflow.exceptions import MlflowException
+from tabulate import tabulate
+
+from orchestrator.analysis import report
+from orchestrator.analysis.paper import ablation_rows, human_count
+from orchestrator.analysis.query import QueryError, load_runs, metric_columns
+
+__all__ = ["add_parsers", "cmd_fit", "cmd_table"]
+
+FORMS = ("henighan", "power", "chinchilla")  # as orchestrator.analysis.fit.FORMS
+METRIC_ALIASES = {"nll": "eval/nll_bpd", "fid": "eval/fid"}
+FD_FALLBACK = {"eval/fid": "eval/digits_fd"}  # the digits dataset logs a digits-feature FD
+PARAMS_COL, FLOPS_COL, IMAGES_COL = "params.model.params", "compute/flops", "compute/images"
+TABLE_COLUMNS = ("Iters", "T", "Schedule", "Objective", "NLL", "FID", "paper NLL", "paper FID")
+
+
+class _BadInput(ValueError):
+    """User input the command refuses (exit 2)."""
+
+
+def _err(cmd: str, msg: object) -> None:
+    print(f"diffscale {cmd}: error: {msg}", file=sys.stderr)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, default=_jsonable, allow_nan=True)
+
+
+# -- fit ------------------------------------------------------------------------------------
+
+
+def _valid(table: pa.Table, col: str) -> bool:
+    return col in table.column_names and table.column(col).null_count < table.num_rows
+
+
+def _resolve_metric(table: pa.Table, metric: str) -> str:
+    metric = METRIC_ALIASES.get(metric, metric)
+    if _valid(table, metric):
+        return metric
+    fallback = FD_FALLBACK.get(metric)
+    if fallback and _valid(table, fallback):
+        return fallback
+    logged = [c for c in metric_columns(table) if _valid(table, c)]
+    raise _BadInput(
+        f"metric {metric!r} was not logged; metrics with values: {', '.join(logged) or 'none'} "
+        f"(aliases: {', '.join(f'{k}={v}' for k, v in METRIC_ALIASES.items())})"
+    )
+
+
+def _floats(table: pa.Table, col: str) -> np.ndarray:
+    """A column as float64 ``[R]`` (strings parsed; null, 'null' or unparsable -> nan)."""
+    if col not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    values = table.column(col).to_pylist()
+    out = np.full(len(values), np.nan)
+    for i, v in enumerate(values):
+        try:
+            out[i] = float(v)
+        except (TypeError, ValueError):
+            pass
+    return out
+
+
+def _groups(table: pa.Table) -> np.ndarray:
+    """Model-size label per row: tags.size, else params.model.name, else the run name."""
+    for col in ("tags.size", "params.model.name", "run_name"):
+        if col in table.column_names and table.column(col).null_count == 0:
+            return np.array(table.column(col).to_pylist(), dtype=object)
+    return np.array(table.column("run_id").to_pylist(), dtype=object)
+
+
+def _largest_compute_per_size(
+    n: np.ndarray, compute: np.ndarray, metric: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(params [K], metric [K]) at each size's largest compute (what fit_by_size fits)."""
+    sizes = np.unique(n)
+    best = [np.flatnonzero(n == s)[np.argmax(compute[n == s])] for s in sizes]
+    return sizes, metric[best]
+
+
+def _predictions(fit: Any, form: str, values: list[float] | None) -> list[dict[str, Any]]:
+    if not values:
+        return []
+    if form == "chinchilla":
+        if len(values) % 2:
+            raise _BadInput("--form chinchilla: --predict takes pairs N D (an even count)")
+        points = [values[i : i + 2] for i in range(0, len(values), 2)]
+        args = (np.array([p[0] for p in points]), np.array([p[1] for p in points]))
+        keys = [{"N": p[0], "D": p[1]} for p in points]
+    else:
+        args = (np.asarray(values, dtype=float),)
+        keys = [{"x": v} for v in values]
+    if any(v <= 0 for v in values):
+        raise _BadInput(f"--predict values must be positive, got {values}")
+    mid = np.atleast_1d(fit.predict(*args))
+    lo, hi = (np.atleast_1d(a) for a in fit.predict_interval(*args))
+    return [
+        {**k, "value": float(m), "low": float(a), "high": float(b)}
+        for k, m, a, b in zip(keys, mid, lo, hi, strict=True)
+    ]
+
+
+def _fit_sweep(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any], list[Path]]:
+    """Load the sweep, fit, plot. Returns (FitResult, extra JSON fields, plot paths)."""
+    from orchestrator.analysis import fit as F
+
+    x = args.x or "compute"
+    if x not in ("compute", "params"):
+        raise _BadInput(f"--x for a sweep must be 'compute' or 'params', got {x!r}")
+    wanted = METRIC_ALIASES.get(args.metric, args.metric)
+    keys = [wanted, "eval/*", "compute/*", "sampling/*"]  # train/* can be long and is not needed
+    table = load_runs(args.name, tracking_uri=args.tracking_uri, metrics=keys)
+    if table.num_rows == 0:
+        raise _BadInput(f"experiment {args.name!r} has no trial runs")
+    metric = _resolve_metric(table, args.metric)
+    y, compute = _floats(table, metric), _floats(table, FLOPS_COL)
+    n, group = _floats(table, PARAMS_COL), _groups(table)
+    keep = np.isfinite(y) & (y > 0) & np.isfinite(compute) & (compute > args.min_compute)
+    if x == "params" or args.form == "chinchilla":
+        keep &= np.isfinite(n) & (n > 0)
+    if args.form == "chinchilla":
+        images = _floats(table, IMAGES_COL)
+        keep &= np.isfinite(images) & (images > 0)
+    if not keep.any():
+        need = f"{metric}, {FLOPS_COL}" + (f", {PARAMS_COL}" if x == "params" else "")
+        raise _BadInput(f"experiment {args.name!r}: no step has positive values of {need}")
+    y, compute, n, group = y[keep], compute[keep], n[keep], group[keep]
+    kw = {
+        "seed": args.seed,
+        **({"bootstrap": args.bootstrap} if args.bootstrap is not None else {}),
+    }
+    frontier = F.compute_frontier(compute, y, group)
+    desc = f"{metric} vs {'training compute' if x == 'compute' else 'parameters'}"
+    if args.form == "chinchilla":
+        result = F.fit_chinchilla(n, _floats(table, IMAGES_COL)[keep], y, **kw)
+        desc = f"{metric} as L(N = {PARAMS_COL}, D = {IMAGES_COL})"
+    elif x == "params":
+        result = F.fit_by_size(n, compute, y, form=args.form, **kw)
+        desc += f" at the largest compute of each of {len(np.unique(n))} sizes"
+    elif args.frontier:
+        result = frontier.fit(form=args.form, **kw)
+        desc += f" along the frontier of {len(set(group.tolist()))} sizes"
+    else:
+        result = F.fit_power_law(compute, y, form=args.form, **kw)
+        desc += f" over all {len(y)} points"
+    plots = [
+        report.plot_metric_vs_compute(
+            compute, y, group, out / "compute.png", metric_name=metric,
+            fit=result if x == "compute" and args.form != "chinchilla" else None,
+            frontier=(frontier.compute, frontier.metric), title=f"{args.name}: {metric}",
+        )
+    ]  # fmt: skip
+    if np.isfinite(n).any():
+        has_n = np.isfinite(n) & (n > 0)
+        sizes, best = _largest_compute_per_size(n[has_n], compute[has_n], y[has_n])
+        plots.append(
+            report.plot_metric_vs_params(
+                sizes, best, out / "params.png", metric_name=metric,
+                fit=result if x == "params" else None, title=f"{args.name}: {metric}",
+            )
+        )  # fmt: skip
+    sampling = report.plot_sampling_steps(table, out / "sampling.png", title=args.name)
+    plots += [sampling] if sampling else []
+    extra = {"experiment": args.name, "metric": metric, "x": x, "description": desc}
+    return result, extra, plots
+
+
+def _fit_table(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any], list[Path]]:
+    from orchestrator.analysis import fit as F
+
+    kw = {
+        "seed": args.seed,
+        **({"bootstrap": args.bootstrap} if args.bootstrap is not None else {}),
+    }
+    needed = ("n", "d", "loss") if args.form == "chinchilla" else ("x", "y")
+    missing = [f"--{k}" for k in needed if not getattr(args, k)]
+    if missing:
+        raise _BadInput(f"--table with --form {args.form} needs {' '.join(missing)} (column names)")
+    try:
+        table = F.load_table(args.table)  # ValueError naming the file
+        cols = F.table_columns(table, *(getattr(args, k) for k in needed))
+    except ValueError as exc:
+        raise _BadInput(f"{args.table}: {exc}") from exc
+    extra: dict[str, Any] = {
+        "table": str(args.table),
+        "columns": [getattr(args, k) for k in needed],
+    }
+    if args.form == "chinchilla":
+        result = F.fit_chinchilla(*cols, **kw)
+        extra["description"] = f"{args.loss} as L(N = {args.n}, D = {args.d})"
+        return result, extra, []
+    x, y = cols
+    result = F.fit_power_law(x, y, form=args.form, **kw)
+    extra["description"] = f"{args.y} vs {args.x}"
+    plot = report.plot_metric_vs_compute(
+        x, y, np.array(["data"] * len(x), dtype=object), out / "fit.png", fit=result,
+        metric_name=args.y, title=f"{Path(args.table).name}: {args.y} vs {args.x}",
+    )  # fmt: skip
+    return result, extra, [plot]
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    """``diffscale fit``: see the subcommand's help."""
+    if bool(args.name) == bool(args.table):
+        _err("fit", "give exactly one of NAME (a sweep's MLflow experiment) or --table FILE")
+        return 2
+    if args.bootstrap is not None and args.bootstrap < 0:
+        _err("fit", f"--bootstrap must be >= 0, got {args.bootstrap}")
+        return 2
+    source = args.name or Path(args.table).stem
+    out = Path(args.out or Path("outputs") / "analysis" / source)
+    try:
+        fitter = _fit_table if args.table else _fit_sweep
+        result, extra, plots = fitter(args, out)
+        predictions = _predictions(result, result.form, args.predict)
+        doc = {**result.to_dict(), **extra, "plots": [str(p) for p in plots]}
+        if args.predict:
+            doc["predictions"] = predictions
+        out.mkdir(parents=True, exist_ok=True)
+        fit_json = out / "fit.json"
+        fit_json.write_text(_dumps(doc))
+        logged_to = None
+        if args.name and not args.no_log:
+            try:
+                logged_to = report.log_report(args.name, args.tracking_uri, [*plots, fit_json])
+            except QueryError as exc:
+                print(f"diffscale fit: warning: not logged to MLflow: {exc}", file=sys.stderr)
+        doc["logged_to_run"] = logged_to
+    except ValueError as exc:  # _BadInput, QueryError, and data the fitter refuses
+        _err("fit", exc)
+        return 2
+    except (MlflowException, OSError, RuntimeError) as exc:
+        _err("fit", f"{type(exc).__name__}: {exc}")
+        return 1
+    if args.json:
+        print(_dumps(doc))
+        return 0
+    print(f"diffscale fit: {extra.get('experiment') or extra.get('table')}: {extra['description']}")
+    print(report.fit_table(result))
+    print(report.fit_summary(result))
+    for p in predictions:
+        at = f"N={p['N']:.4g}, D={p['D']:.4g}" if "N" in p else f"x={p['x']:.4g}"
+        print(f"prediction at {at}: {p['value']:.6g} [{p['low']:.6g}, {p['high']:.6g}]")
+    print(f"wrote {', '.join(str(p) for p in [*plots, fit_json])}")
+    if logged_to:
+        print(f"logged to MLflow run {logged_to} under {report.ARTIFACT_DIR}/")
+    return 0
+
+
+# -- table ----------------------------------------------------------------------------------
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    """``diffscale table``: see the subcommand's help."""
+    try:
+        table = load_runs(args.name, tracking_uri=args.tracking_uri, metrics=["eval/*"])
+        if table.num_rows == 0:
+            raise _BadInput(f"experiment {args.name!r} has no trial runs")
+        rows = ablation_rows(table)
+    except (_BadInput, QueryError) as exc:
+        _err("table", exc)
+        return 2
+    except (MlflowException, OSError) as exc:
+        _err("table", f"{type(exc).__name__}: {exc}")
+        return 1
+    if args.json:
+        print(_dumps({"experiment": args.name, "columns": [*TABLE_COLUMNS, "trial"], "rows": rows}))
+        return 0
+
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    def fd(v: float | None) -> str:  # FID ~ 1..100; digits-feature FD can be ~0.01
+        return num(v, ".2f" if v is None or abs(v) >= 0.1 else ".3g")
+
+    body = [
+        [human_count(r["Iters"]), human_count(r["T"]), r["Schedule"] or "-", r["Objective"] or "-",
+         num(r["NLL"], ".3f"), fd(r["FID"]), num(r["paper NLL"], ".2f"),
+         num(r["paper FID"], ".1f"), r["trial"] or "-"]
+        for r in rows
+    ]  # fmt: skip
+    print(f"diffscale table: {args.name} ({len(rows)} cells)")
+    print(tabulate(body, headers=[*TABLE_COLUMNS, "trial"], disable_numparse=True))
+    used = sorted({m for r in rows for m in (r["NLL metric"], r["FID metric"]) if m})
+    print(f"NLL, FID from: {', '.join(used) or 'nothing logged'}; paper: ImageNet 64x64, "
+          "Nichol & Dhariwal 2021 (matched on Iters, T, Schedule, Objective)")  # fmt: skip
+    return 0
+
+
+# -- parsers --------------------------------------------------------------------------------
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``fit`` and ``table`` to the ``diffscale`` subcommands."""
+    fit = sub.add_parser(
+        "fit",
+        help="fit a scaling law to a sweep (MLflow) or to a CSV/Parquet table",
+        description="Fit L(C) = L_inf + (C0/C)^alpha (henighan), (C0/C)^alpha (power) or "
+        "L(N, D) = E + A/N^alpha + B/D^beta (chinchilla) with bootstrap intervals. From a "
+        "sweep: x = training compute along the compute-efficient frontier (default) or "
+        "parameters at each size's largest compute; plots go to --out and to the sweep's "
+        "parent MLflow run under analysis/.",
+    )
+    fit.add_argument("name", nargs="?", help="sweep name (its MLflow experiment)")
+    fit.add_argument("--table", help="fit a CSV or Parquet table instead of a sweep")
+    fit.add_argument("--metric", default="eval/nll_bpd",
+                     help="sweep: metric to fit, e.g. eval/nll_bpd, eval/fid (eval/digits_fd "
+                     "if no eval/fid); aliases nll, fid")  # fmt: skip
+    fit.add_argument("--form", choices=FORMS, default="henighan")
+    fit.add_argument("--x", help="sweep: compute (default) or params; table: the x column")
+    fit.add_argument("--y", help="table, henighan/power: the y column")
+    fit.add_argument("--n", help="table, chinchilla: the parameter-count column")
+    fit.add_argument("--d", help="table, chinchilla: the data (tokens/images) column")
+    fit.add_argument("--loss", help="table, chinchilla: the loss column")
+    fit.add_argument(
+        "--frontier",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sweep, --x compute: fit the frontier (default) or all points",
+    )
+    fit.add_argument(
+        "--min-compute",
+        type=float,
+        default=0.0,
+        metavar="FLOPS",
+        help="sweep: leave out points at or below this training compute (the initial "
+        "transient of each curve is not a power law)",
+    )
+    fit.add_argument(
+        "--predict",
+        type=float,
+        nargs="+",
+        metavar="X",
+        help="predict at these x (chinchilla: pairs N D), with an interval",
+    )
+    fit.add_argument(
+        "--bootstrap",
+        type=int,
+        default=None,
+        help="bootstrap resamples for the intervals (default: the fitter's)",
+    )
+    fit.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    fit.add_argument("--out", help="plot folder (default: outputs/analysis/NAME)")
+    fit.add_argument(
+        "--tracking-uri",
+        help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)",
+    )
+    fit.add_argument("--json", action="store_true", help="print one JSON document only")
+    fit.add_argument("--no-log", action="store_true", help="do not log to the sweep's run")
+    fit.set_defaults(func=cmd_fit)  # fmt: skip
+
+    tab = sub.add_parser(
+        "table",
+        help="the paper's ablation table (Iters, T, Schedule, Objective, NLL, FID) of a sweep",
+        description="One row per grid cell of a sweep, with the paper's published NLL and "
+        "FID beside the rows whose (Iters, T, Schedule, Objective) it reports.",
+    )
+    tab.add_argument("name", help="sweep name (its MLflow experiment)")
+    tab.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, "
+                     "else sqlite:///./mlflow.db)")  # fmt: skip
+    tab.add_argument("--json", action="store_true", help="print one JSON document only")
+    tab.set_defaults(func=cmd_table)

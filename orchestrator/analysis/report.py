@@ -1,0 +1,280 @@
+"""Tables (tabulate) and PNG plots (matplotlib, Agg) of scaling fits, logged to the sweep.
+
+Plots are drawn on ``matplotlib.figure.Figure`` objects directly (no pyplot, no global backend
+switch), so they work headless and from threads. :func:`log_report` attaches the files to the
+sweep's parent run (tag ``diffscale.role=sweep``) under ``analysis/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+from mlflow import MlflowClient
+from tabulate import tabulate
+
+from orchestrator.analysis.query import ROLE_TAG, QueryError, experiment_id
+from orchestrator.tracking import resolve_tracking_uri
+
+if TYPE_CHECKING:
+    from orchestrator.analysis.fit import FitResult
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SAMPLING_PATTERN",
+    "fit_summary",
+    "fit_table",
+    "log_report",
+    "plot_metric_vs_compute",
+    "plot_metric_vs_params",
+    "plot_sampling_steps",
+    "rows_table",
+    "sampling_curves",
+]
+
+ARTIFACT_DIR = "analysis"
+# sampling/<fd>/<method>/<steps>, logged once at a trial's final step
+SAMPLING_PATTERN = re.compile(r"^sampling/(?P<fd>[^/]+)/(?P<method>[^/]+)/(?P<steps>\d+)$")
+_DPI = 120
+
+
+def _fmt(value: float) -> str:
+    """Unrounded enough to re-use (Besiroglu et al. 2024 ask for unrounded parameters)."""
+    return f"{value:.6g}"
+
+
+def fit_table(fit: FitResult, *, tablefmt: str = "simple") -> str:
+    """Parameters of a fit with their intervals: columns param, value, ``<level>% interval``."""
+    rows = []
+    for name, value in fit.params.items():
+        lo, hi = fit.intervals.get(name, (math.nan, math.nan))
+        interval = "-" if math.isnan(lo) or math.isnan(hi) else f"[{_fmt(lo)}, {_fmt(hi)}]"
+        rows.append([name, _fmt(value), interval])
+    level = f"{100 * fit.level:g}% interval"
+    return tabulate(
+        rows, headers=["param", "value", level], tablefmt=tablefmt, disable_numparse=True
+    )
+
+
+def fit_summary(fit: FitResult) -> str:
+    """One line of fit quality, plus one line per warning of the fitter."""
+    boot = 0 if fit.bootstrap is None else len(fit.bootstrap)
+    line = (
+        f"form {fit.form}: {fit.n_points} points, R^2 (log) {fit.r2_log:.4f}, "
+        f"Huber loss {fit.loss:.4g}, converged {'yes' if fit.converged else 'NO'}, "
+        f"bootstrap {boot}"
+    )
+    return "\n".join([line, *(f"warning: {w}" for w in fit.warnings)])
+
+
+def rows_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    floatfmt: str = ".4g",
+    tablefmt: str = "simple",
+) -> str:
+    """A table of ``rows`` (dicts) restricted to ``columns``; None shows as ``-``."""
+    body = [[row.get(c) for c in columns] for row in rows]
+    return tabulate(
+        body, headers=list(columns), floatfmt=floatfmt, tablefmt=tablefmt, missingval="-"
+    )
+
+
+def _new_figure(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig, ax
+
+
+def _plain_log_axes(ax: Any, *, x: bool = True, y: bool = True) -> None:
+    """Log axes labelled 2.5, 3, 1e+15 instead of 2.5x10^0; minor ticks labelled too when
+    the axis spans less than a decade (otherwise it would carry no label at all)."""
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for on, axis, (lo, hi) in ((x, ax.xaxis, ax.get_xlim()), (y, ax.yaxis, ax.get_ylim())):
+        if not on:
+            continue
+        axis.set_major_formatter(plain)
+        if lo > 0 and hi / lo < 10:
+            axis.set_minor_formatter(plain)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI, format="png")
+    log.info("wrote %s", path)
+    return path
+
+
+def _trend(ax: Any, fit: FitResult, lo: float, hi: float, label: str) -> None:
+    """The fitted curve over [lo, hi] (log-spaced) with its interval band."""
+    grid = np.geomspace(lo, hi, 200)
+    ax.plot(grid, fit.predict(grid), color="black", lw=1.5, label=label)
+    if not any(np.isfinite(v).all() for v in fit.intervals.values()):
+        return  # the fitter judged its bootstrap unusable (see fit.warnings)
+    band_lo, band_hi = fit.predict_interval(grid)
+    ax.fill_between(grid, band_lo, band_hi, color="black", alpha=0.15, lw=0,
+                    label=f"{100 * fit.level:g}% band")  # fmt: skip
+
+
+def _fit_label(fit: FitResult) -> str:
+    p = fit.params
+    if fit.form == "henighan" and {"L_inf", "C0", "alpha"} <= set(p):
+        return f"fit: {p['L_inf']:.3g} + ({p['C0']:.3g}/x)^{p['alpha']:.3g}"
+    if "C0" in p and "alpha" in p:
+        return f"fit: ({p['C0']:.3g}/x)^{p['alpha']:.3g}"
+    return f"fit ({fit.form})"
+
+
+def plot_metric_vs_compute(
+    compute: np.ndarray,
+    metric: np.ndarray,
+    group: np.ndarray,
+    path: str | Path,
+    *,
+    fit: FitResult | None = None,
+    frontier: tuple[np.ndarray, np.ndarray] | None = None,
+    metric_name: str = "metric",
+    title: str | None = None,
+) -> Path:
+    """Log-log curves of ``metric [P]`` vs training ``compute [P]`` (FLOPs), one line per
+    ``group [P]`` (model size), with the compute-efficient ``frontier`` (compute, metric)
+    and the fitted trend with its band; returns the PNG path."""
+    compute, metric, group = (
+        np.asarray(compute, float),
+        np.asarray(metric, float),
+        np.asarray(group),
+    )
+    fig, ax = _new_figure(
+        title or f"{metric_name} vs compute", "training compute (FLOPs)", metric_name
+    )
+    for g in sorted(set(group.tolist()), key=str):
+        sel = group == g
+        order = np.argsort(compute[sel])
+        ax.plot(compute[sel][order], metric[sel][order], marker="o", ms=3, lw=1, label=str(g))
+    if frontier is not None:
+        fc, fm = (np.asarray(a, float) for a in frontier)
+        ax.plot(fc, fm, color="red", lw=2, ls="--", marker="s", ms=4, label="frontier")
+    if fit is not None and len(compute):
+        _trend(ax, fit, float(compute.min()), float(compute.max()), _fit_label(fit))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_axes(ax, x=False)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_metric_vs_params(
+    params: np.ndarray,
+    metric: np.ndarray,
+    path: str | Path,
+    *,
+    fit: FitResult | None = None,
+    labels: Sequence[str] | None = None,
+    metric_name: str = "metric",
+    title: str | None = None,
+) -> Path:
+    """Log-log ``metric [K]`` vs parameter count ``params [K]`` (one point per model size,
+    at its largest compute), with the fitted trend; returns the PNG path."""
+    params, metric = np.asarray(params, float), np.asarray(metric, float)
+    fig, ax = _new_figure(title or f"{metric_name} vs parameters", "parameters", metric_name)
+    ax.plot(params, metric, "o", color="C0", label="largest compute per size")
+    for x, y, text in zip(params, metric, labels or [], strict=False):
+        ax.annotate(str(text), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if fit is not None and len(params):
+        _trend(ax, fit, float(params.min()), float(params.max()), _fit_label(fit))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_axes(ax)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def sampling_curves(table: pa.Table) -> dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]:
+    """FD vs sampling steps from ``sampling/<fd>/<method>/<steps>`` columns of a load_runs
+    table: ``{(trial, fd, method): (steps [K], value [K])}`` with each run's last logged value;
+    only the ``fid`` kind when a run has it, else the other kinds (e.g. ``digits_fd``)."""
+    cols = [(c, SAMPLING_PATTERN.match(c)) for c in table.column_names]
+    cols = [(c, m) for c, m in cols if m]
+    label_col = "tags.trial" if "tags.trial" in table.column_names else "run_name"
+    curves: dict[tuple[str, str, str], dict[int, float]] = {}
+    for run in table.to_pylist():  # rows in step order: later values overwrite earlier ones
+        for c, m in cols:
+            if run[c] is not None:
+                key = (str(run[label_col] or run["run_id"]), m["fd"], m["method"])
+                curves.setdefault(key, {})[int(m["steps"])] = float(run[c])
+    has_fid = {trial for trial, fd, _ in curves if fd == "fid"}
+    return {
+        key: (np.array(sorted(pts)), np.array([pts[s] for s in sorted(pts)]))
+        for key, pts in sorted(curves.items())
+        if key[1] == "fid" or key[0] not in has_fid
+    }
+
+
+def plot_sampling_steps(
+    table: pa.Table, path: str | Path, *, title: str | None = None
+) -> Path | None:
+    """FID (or digits FD) vs number of sampling steps, one line per (trial, method), from the
+    ``sampling/...`` metrics of a load_runs table; None (nothing written) if there are none."""
+    curves = sampling_curves(table)
+    if not curves:
+        return None
+    kinds = sorted({fd for _, fd, _ in curves})
+    fig, ax = _new_figure(
+        title or "sample quality vs sampling steps", "sampling steps", " / ".join(kinds)
+    )
+    for (trial, fd, method), (steps, values) in curves.items():
+        suffix = f" ({fd})" if len(kinds) > 1 else ""
+        ax.plot(steps, values, marker="o", ms=3, label=f"{trial} {method}{suffix}")
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({int(s) for steps, _ in curves.values() for s in steps}))
+    _plain_log_axes(ax, y=False)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def parent_run_id(client: MlflowClient, experiment: str) -> str:
+    """The sweep's parent run: tagged diffscale.role=sweep (the one named after the sweep,
+    else the newest, if there are several). QueryError if there is none."""
+    exp_id = experiment_id(client, experiment)
+    runs = client.search_runs(
+        [exp_id], f"tags.`{ROLE_TAG}` = 'sweep'", order_by=["attributes.start_time DESC"]
+    )
+    if not runs:
+        raise QueryError(
+            f"experiment {experiment!r} has no sweep parent run (tag {ROLE_TAG}=sweep) "
+            "to log the analysis to"
+        )
+    named = [r for r in runs if r.info.run_name == experiment]
+    return (named or runs)[0].info.run_id
+
+
+def log_report(
+    experiment: str,
+    tracking_uri: str | None,
+    files: Iterable[str | Path],
+    *,
+    artifact_path: str = ARTIFACT_DIR,
+) -> str:
+    """Log ``files`` (plots, the fit's JSON) as artifacts of the sweep's parent run under
+    ``artifact_path``; returns the parent run id. QueryError if the experiment or its parent
+    run is missing; MLflow errors from the upload propagate."""
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    run_id = parent_run_id(client, experiment)
+    for f in files:
+        client.log_artifact(run_id, str(f), artifact_path)
+    log.info("logged analysis artifacts to run %s of %r", run_id, experiment)
+    return run_id
