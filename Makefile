@@ -13,7 +13,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/diffscale demo
+	$(BIN)/diffscale submit sweeps/demo.yaml
+	$(BIN)/diffscale fit demo --metric eval/nll_bpd --min-compute 4e11
+	@echo "Curves: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (experiment 'demo')"
+	@echo "Plots:  outputs/analysis/demo/*.png (also on the sweep's MLflow parent run, under analysis/)"
+	@echo "More:   $(BIN)/diffscale status demo; $(BIN)/diffscale table demo; $(BIN)/diffscale fit demo --metric fid"
 
 test: $(STAMP)
 	$(BIN)/ruff check .

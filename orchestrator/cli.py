@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -183,6 +184,133 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_status(report: dict) -> None:
+    rows = []
+    for r in report["trials"]:
+        m = r["metrics"]
+        fd = next((k for k in ("eval/fid", "eval/digits_fd") if k in m), None)
+        rows.append([
+            r["trial"], r["size"], r["status"], f"{r['step']}/{r['total']}", r["cells"],
+            f"{m['eval/nll_bpd']:.4f}" if "eval/nll_bpd" in m else "-",
+            f"{m[fd]:.4g}" if fd else "-", (r["mlflow_run"] or "-")[:12],
+        ])  # fmt: skip
+    print(f"sweep {report['name']}: {report['state']}  (storage {report['storage']})")
+    print(tabulate(rows, headers=["trial", "size", "status", "step", "cells", "NLL bpd", "FD",
+                                  "MLflow run"]))  # fmt: skip
+    for r in report["trials"]:
+        if r["status"] == "ERROR" and r["error"]:
+            print(f"\n{r['trial']} failed:\n  " + r["error"].strip().splitlines()[-1][:400])
+
+
+def _say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator.grid import dataset_problems, trial_table
+    from orchestrator.sweep import SweepError, check_capacity, prepare, status, submit
+    from orchestrator.validation import ConfigError
+
+    try:
+        spec, plan, store, record = prepare(args.sweep, args.set, check_data=False)
+        data_error = ConfigError(dataset_problems(plan.cells), spec.source)
+        if data_error.problems and not args.dry_run:
+            raise data_error
+        check_capacity(plan)
+        capacity = None
+    except ConfigError as e:
+        if not args.dry_run or e is data_error:
+            print(f"diffscale submit: error: {e}", file=sys.stderr)
+            return 2
+        capacity = e  # a dry run still shows the plan; a cluster may have what is missing
+    except SweepError as e:
+        print(f"diffscale submit: error: {e}", file=sys.stderr)
+        return 2
+    rows, headers = trial_table(plan)
+    if args.dry_run or not args.quiet:
+        print(f"sweep {spec.name}: {len(plan.cells)} cells, {len(plan.trials)} trials, at most "
+              f"{spec.max_concurrent_trials} at once")  # fmt: skip
+        print(tabulate(rows, headers=headers))
+        print(plan.saving())
+        print(f"storage: {store.uri}\nMLflow:  {spec.tracking_uri} (experiment {spec.name!r})")
+    if args.dry_run:
+        if record is not None:
+            print(f"(already submitted: `diffscale status {spec.name}`)")
+        if capacity is not None:
+            print(f"note: without RAY_ADDRESS this machine cannot run it:\n{capacity}")
+        if data_error.problems:
+            print(f"diffscale submit: error: {data_error}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        result = submit(args.sweep, args.set, retry_errored=args.retry_errored, say=_say)
+    except (ConfigError, SweepError) as e:
+        print(f"diffscale submit: error: {e}", file=sys.stderr)
+        return 2
+    _print_status(status(spec.name, storage_path=spec.storage_path.rsplit("/", 1)[0],
+                         endpoint_url=store.endpoint_url))  # fmt: skip
+    return _exit_code(result)
+
+
+def _exit_code(result) -> int:
+    if result.interrupted:
+        print(f"interrupted: `diffscale resume {result.plan.spec.name}` continues it")
+        return 130
+    return 0 if all(s == "FINISHED" for s in result.statuses.values()) else 1
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import SweepError, resume, status
+    from orchestrator.validation import ConfigError
+
+    try:
+        result = resume(args.name, storage_path=args.storage, endpoint_url=args.endpoint_url,
+                        retry_errored=args.retry_errored, say=_say)  # fmt: skip
+    except (ConfigError, SweepError) as e:
+        print(f"diffscale resume: error: {e}", file=sys.stderr)
+        return 2
+    _print_status(status(args.name, storage_path=args.storage, endpoint_url=args.endpoint_url))
+    return _exit_code(result)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from orchestrator.sweep import SweepError, status
+    from orchestrator.validation import ConfigError
+
+    try:
+        report = status(args.name, storage_path=args.storage, endpoint_url=args.endpoint_url)
+    except (ConfigError, SweepError) as e:
+        print(f"diffscale status: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        _print_status(report)
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import SweepError, cancel
+
+    try:
+        print(cancel(args.name, storage_path=args.storage, endpoint_url=args.endpoint_url,
+                     wait_s=args.wait))  # fmt: skip
+    except SweepError as e:
+        print(f"diffscale cancel: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _sweep_location(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="the sweep's name (its `name:` key)")
+    p.add_argument("--storage", default=None,
+                   help="storage.path the sweep was submitted with (default: $DIFFSCALE_STORAGE, "
+                   "else ./diffscale_runs)")  # fmt: skip
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint of the storage")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffscale",
@@ -274,6 +402,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
     )
     tr.set_defaults(func=_cmd_train)
+
+    sb = sub.add_parser(
+        "submit",
+        help="run a sweep YAML (model size x compute grid) on Ray Tune",
+        description="Validate and expand a sweep YAML, then run every trial with Ray Tune "
+        "(the local Ray, or the cluster in RAY_ADDRESS). Submitting a sweep that already "
+        "exists continues it: finished trials are not trained again.",
+    )
+    sb.add_argument("sweep", help="sweep YAML, e.g. sweeps/demo.yaml")
+    sb.add_argument("--dry-run", action="store_true", help="print the trial table; start nothing")
+    sb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override: train.lr=3e-4, max_concurrent_trials=1, "
+                    "grid.budget.steps=[100,200] (repeatable)")  # fmt: skip
+    sb.add_argument("--retry-errored", action="store_true", help="retry trials that failed")
+    sb.add_argument("--quiet", action="store_true", help="no trial table before running")
+    sb.set_defaults(func=_cmd_submit)
+
+    rs = sub.add_parser("resume", help="continue an interrupted sweep")
+    _sweep_location(rs)
+    rs.add_argument("--retry-errored", action="store_true", help="retry trials that failed")
+    rs.set_defaults(func=_cmd_resume)
+
+    st = sub.add_parser("status", help="per-trial state, progress and latest metrics")
+    _sweep_location(st)
+    st.add_argument("--json", action="store_true", help="print one JSON document")
+    st.set_defaults(func=_cmd_status)
+
+    cn = sub.add_parser("cancel", help="stop a running sweep (checkpoints are kept)")
+    _sweep_location(cn)
+    cn.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the stop")
+    cn.set_defaults(func=_cmd_cancel)
+    from orchestrator.analysis.commands import add_parsers as _add_analysis
+
+    _add_analysis(sub)
     return parser
 
 

@@ -188,6 +188,26 @@ class BudgetConfig(Section):
         return max(1, math.ceil(round(images / global_batch, 6)))  # round off float noise
 
 
+def parse_sampler(item: str) -> tuple[str, str, str | None]:
+    """``"100"`` / ``"ddim50"`` / ``"100@fixed_large"`` -> (method, spacing, var_type or None).
+
+    A plain spacing samples ancestrally with strided steps; ``ddimN`` samples with DDIM on the
+    ``ddimN`` spacing; ``@fixed_small``/``@fixed_large`` sample a fixed-variance model with
+    the other fixed variance (no retraining: L_simple does not depend on it).
+    """
+    if not isinstance(item, str) or not item:
+        raise ValueError(f"expected a sampler such as '100', 'ddim50' or '100@fixed_large', "
+                         f"got {item!r}")  # fmt: skip
+    spacing, _, var = item.partition("@")
+    if var and var not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"{item!r}: variance after @ must be one of "
+                         f"['fixed_small', 'fixed_large'], got {var!r}")  # fmt: skip
+    method = "ddim" if spacing.startswith("ddim") else "ancestral"
+    if not re.fullmatch(r"(ddim)?\d+(,\d+)*", spacing) or (method == "ddim" and var):
+        raise ValueError(f"{item!r}: expected '100', '10,15,20', 'ddim50' or '100@fixed_large'")
+    return method, spacing, var or None
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig(Section):
     """What the training loop measures at its eval points (EMA model)."""
@@ -202,6 +222,10 @@ class EvalConfig(Section):
     features: str | None = spec(None, choices=FEATURE_EXTRACTORS)  # null: by dataset
     k: int = spec(3, ge=1)  # k of improved precision/recall
     grid_samples: int = spec(36, ge=0)  # samples in the logged image grid; 0: none
+    at_steps: list[int] = field(default_factory=list)  # more eval points: shared cells' budgets
+    # FD at the end for each sampler: "100" (ancestral, strided), "ddim50" (DDIM), and
+    # "100@fixed_large" (ancestral with another fixed variance; Sec. 4, Fig. 8)
+    sampling: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_steps, int) and not isinstance(self.sample_steps, bool):
@@ -209,9 +233,22 @@ class EvalConfig(Section):
         super().__post_init__()
 
     def _check(self) -> list[Problem]:
+        problems: list[Problem] = []
         if 0 < self.fid_samples <= self.k:
-            return [("fid_samples", f"expected 0 or more than k={self.k}, got {self.fid_samples}")]
-        return []
+            problems.append(
+                ("fid_samples", f"expected 0 or more than k={self.k}, got {self.fid_samples}")
+            )
+        bad = [v for v in self.at_steps if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            problems.append(("at_steps", f"expected positive integers, got {bad}"))
+        for item in self.sampling:
+            try:
+                parse_sampler(item)
+            except ValueError as error:
+                problems.append(("sampling", str(error)))
+        if self.sampling and self.fid_samples == 0:
+            problems.append(("sampling", "needs fid_samples > 0"))
+        return problems
 
     def feature_name(self, dataset: str) -> str:
         """The feature extractor: ``features``, else "digits" for the digits, else "inception"."""
@@ -221,14 +258,15 @@ class EvalConfig(Section):
         """Sorted unique steps in [1, total_steps], ending at total_steps.
 
         ``num_points`` points evenly spaced in log(step) from ~total_steps / EVAL_SPAN (at
-        least step 1), plus the end; rounding may merge points of short runs.
+        least step 1), the ``at_steps`` up to total_steps, and the end; rounding may merge
+        points of short runs.
         """
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps: expected a positive integer, got {total_steps!r}")
         first = max(1.0, total_steps / EVAL_SPAN)
         ratio = (total_steps / first) ** (1.0 / max(1, self.num_points))
         points = {min(total_steps, max(1, round(first * ratio**i))) for i in range(self.num_points)}
-        return sorted(points | {total_steps})
+        return sorted(points | {s for s in self.at_steps if s <= total_steps} | {total_steps})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,6 +381,15 @@ class TrialConfig:
             space_timesteps(T, self.eval.sample_steps)
         except ValueError as error:
             problems.append(("eval.sample_steps", f"{error} (T is diffusion.num_timesteps)"))
+        for item in self.eval.sampling:
+            _, spacing, var = parse_sampler(item)
+            try:
+                space_timesteps(T, spacing)
+            except ValueError as error:
+                problems.append(("eval.sampling", f"{item!r}: {error} (T = {T})"))
+            if var and self.diffusion.learns_sigma:
+                msg = f"{item!r}: @{var} needs a fixed variance, not {self.diffusion.var_type}"
+                problems.append(("eval.sampling", msg))
         if self.eval.nll_timesteps > T:
             msg = f"expected <= diffusion.num_timesteps={T}, got {self.eval.nll_timesteps}"
             problems.append(("eval.nll_timesteps", msg))

@@ -13,6 +13,7 @@ step, images, FLOPs and the MLflow run id, each rank's files listed with checksu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from diffusion.metrics import (
     precision_recall,
 )
 from diffusion.sampling import sample, save_image_grid
+from diffusion.schedules import space_timesteps
 from diffusion.timesteps import create_sampler
 from diffusion.training import EMA, make_optimizer, train_step
 from diffusion.unet import UNet
@@ -49,7 +51,7 @@ from orchestrator.checkpoint import (
     verify_rank_manifests,
     write_rank_files,
 )
-from orchestrator.config import TrialConfig
+from orchestrator.config import TrialConfig, parse_sampler
 from orchestrator.evaluate import load_real_images
 
 log = logging.getLogger(__name__)
@@ -168,14 +170,14 @@ class _Window:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """The Ray Train worker; ``loop_config`` = {"trial": TrialConfig.to_dict(), "data_uri",
-    "data_endpoint"}."""
+    "data_endpoint"} and optionally the MLflow run's "tags" and "parent_run_id"."""
     import ray.train
     import ray.train.torch
 
     cfg = TrialConfig.from_dict(loop_config["trial"], source="trial config")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, cfg.resources.cpus_per_worker))
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     device = ray.train.torch.get_device()
 
     model_config = cfg.model_config()
@@ -229,10 +231,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                        cfg.name)  # fmt: skip
         tracker = RunLogger(
             cfg.tracking.resolve_uri(), cfg.tracking.experiment, run_id=run_id,
-            run_name=cfg.name, tags={"trial": cfg.name},
+            run_name=cfg.name, tags={**loop_config.get("tags", {}), "trial": cfg.name},
+            parent_run_id=loop_config.get("parent_run_id"),
         )  # fmt: skip
         if run_id is None:
-            tracker.log_params(cfg.flatten())
+            params = sum(p.numel() for p in getattr(model, "module", model).parameters())
+            tracker.log_params({**cfg.flatten(), "model.params": params,
+                                "model.flops_per_image": fwd_flops})  # fmt: skip
         run_id = tracker.run_id
 
     autocast = torch.bfloat16 if cfg.train.bf16 else None
@@ -360,12 +365,35 @@ def _evaluate(cfg: TrialConfig, diffusion, ema_model, device, step, tracker, fin
             *feature_statistics(real_f), *feature_statistics(fake_f)
         )
         out["eval/precision"], out["eval/recall"] = precision_recall(real_f, fake_f, k=ev.k)
+    if final and ev.sampling:
+        out.update(_sampling_study(cfg, ema_model, device, real_x, extractor, real_f))
     if tracker is not None and ev.grid_samples > 0:
         with tempfile.TemporaryDirectory() as tmp:
             path = save_image_grid(fake[: ev.grid_samples], Path(tmp) / f"samples_{step:08d}.png",
                                    scale=max(1, 128 // size))  # fmt: skip
             tracker.log_artifact(str(path), "samples")
     return {k: float(v) for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def _sampling_study(cfg: TrialConfig, ema_model, device, real_x, extractor, real_f) -> dict:
+    """FD of each ``eval.sampling`` sampler at the end of training (Sec. 4, Fig. 8), logged
+    as ``sampling/<fd>/<method>/<steps>`` (method ancestral, ddim or ancestral_<variance>)."""
+    out = {}
+    n, (c, size) = cfg.eval.fid_samples, (real_x.shape[1], real_x.shape[2])
+    for item in cfg.eval.sampling:
+        method, spacing, var = parse_sampler(item)
+        process = dataclasses.replace(cfg.diffusion, var_type=var) if var else cfg.diffusion
+        diffusion = process.build()
+        steps = len(space_timesteps(diffusion.num_timesteps, spacing))
+        g = torch.Generator(device=device).manual_seed(cfg.train.seed + 7 * steps)
+        fake = sample(diffusion, ema_model, (n, c, size, size), steps=spacing, method=method,
+                      generator=g, device=device).cpu()  # fmt: skip
+        stats = feature_statistics(extractor(fake))
+        name = f"{method}_{var}" if var else method
+        out[f"sampling/{extractor.fd_metric}/{name}/{steps}"] = frechet_distance(
+            *feature_statistics(real_f), *stats
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- driver
@@ -379,12 +407,20 @@ def prepare_trial_data(cfg: TrialConfig) -> tuple[str, str | None]:
     return uri, cfg.storage.endpoint_url
 
 
-def run_trial(cfg: TrialConfig):
+def run_trial(
+    cfg: TrialConfig,
+    *,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    callbacks: list | None = None,
+):
     """Train one trial on Ray (a private local cluster unless RAY_ADDRESS is set).
 
     Running it again with the same name and storage continues from the newest checkpoint
-    and the same MLflow run. Returns Ray's ``Result``; a trial that fails after its
-    retries raises ``ray.train.TrainingFailedError`` (with the worker's error).
+    and the same MLflow run. ``tags`` and ``parent_run_id`` go to a new MLflow run (a sweep's
+    child run); ``callbacks`` are Ray Train callbacks (a sweep passes Tune's report
+    callback). Returns Ray's ``Result``; a trial that fails after its retries raises
+    ``ray.train.TrainingFailedError`` (with the worker's error).
     """
     import ray
     import ray.train
@@ -404,7 +440,8 @@ def run_trial(cfg: TrialConfig):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"trial": cfg.to_dict(), "data_uri": data_uri,
-                           "data_endpoint": data_endpoint},
+                           "data_endpoint": data_endpoint, "tags": dict(tags or {}),
+                           "parent_run_id": parent_run_id},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
             resources_per_worker={"CPU": cfg.resources.cpus_per_worker},
@@ -413,6 +450,7 @@ def run_trial(cfg: TrialConfig):
             name=cfg.name, storage_path=storage, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=list(callbacks or []),
         ),
     )  # fmt: skip
     return trainer.fit()

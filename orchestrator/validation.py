@@ -43,7 +43,7 @@ URI_SCHEMES = ("local path", "file://", "s3://")
 _BOUNDS = {"gt": (">", operator.gt), "ge": (">=", operator.ge), "lt": ("<", operator.lt),
            "le": ("<=", operator.le)}  # fmt: skip
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-               dict: "a mapping"}  # fmt: skip
+               dict: "a mapping", list: "a list"}  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -202,9 +202,31 @@ _Loader.add_implicit_resolver(
 )
 
 
-def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` plus exponent floats without a dot (``3e-4``)."""
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain types only
+class _UniqueKeyLoader(_Loader):
+    """``_Loader`` that rejects a mapping repeating a key (PyYAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1}, "
+                f"first on line {seen[key] + 1})", key_node.start_mark,
+            )  # fmt: skip
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(text: str, *, unique_keys: bool = False) -> Any:
+    """``yaml.safe_load`` plus exponent floats without a dot (``3e-4``); ``unique_keys``
+    makes a repeated mapping key an error instead of the last one winning."""
+    loader = _UniqueKeyLoader if unique_keys else _Loader
+    return yaml.load(text, Loader=loader)  # a SafeLoader: builds plain types only
 
 
 def flatten(prefix: str, value: Any, out: dict[str, str | int | float | bool]) -> None:
