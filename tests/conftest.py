@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.servers import free_port, wait_until_up
 
 S3_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -28,12 +27,6 @@ S3_CREDENTIALS = {
 class S3Server:
     endpoint_url: str
     bucket: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _moto_command(port: int) -> list[str]:
@@ -51,7 +44,7 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     import boto3  # a dev dependency: missing means a broken install, so fail, never skip
     import moto.server  # noqa: F401
 
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log_path, "wb") as log_file:
@@ -62,17 +55,7 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             env={**os.environ, **S3_CREDENTIALS},
         )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moto_server exited ({proc.returncode}): {log_path.read_text()}")
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not answer on {endpoint}")
-                time.sleep(0.1)
+        wait_until_up(proc, f"{endpoint}/moto-api/", log_path, timeout=30)
         bucket = f"diffscale-test-{uuid.uuid4().hex[:8]}"
         client = boto3.client(
             "s3",

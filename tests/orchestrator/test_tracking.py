@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.tracking import HTTP_DEFAULTS, RunLogger, TrackingError, resolve_tracking_uri
+from tests.servers import MlflowServer
 
 KEYS = ("train/loss", "compute/flops")
 
@@ -151,66 +148,9 @@ def test_full_buffer_drops_the_oldest_points(sqlite_uri: str, tmp_path: Path) ->
 # -- a real tracking server that goes away and comes back -------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    """`mlflow server` on 127.0.0.1, in its own process group so it can be killed whole."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port, self.proc = root, _free_port(), None
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60.0) -> None:
-        script = Path(sys.executable).with_name("mlflow")
-        cmd = [str(script), "server", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}"]
-        cmd += ["--artifacts-destination", str(self.root / "artifacts")]
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job-runner processes
-        with open(self.root / "server.log", "ab") as log_file:  # the child keeps its own fd
-            self.proc = subprocess.Popen(
-                cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(self.root / 'server.log').read_text()}")
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not answer on {self.uri} in {timeout} s")
-                time.sleep(0.2)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)  # the pid leads its own group (start_new_session)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-        deadline = time.monotonic() + 10  # the uvicorn child may outlive its parent briefly
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) != 0:
-                    return
-            time.sleep(0.05)
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[_Server]:
-    srv = _Server(tmp_path)
+def server(tmp_path: Path) -> Iterator[MlflowServer]:
+    srv = MlflowServer(tmp_path)
     try:
         srv.start()
         yield srv
@@ -218,7 +158,7 @@ def server(tmp_path: Path) -> Iterator[_Server]:
         srv.kill(signal.SIGTERM)
 
 
-def test_outage_buffers_and_delivers_everything_once(server: _Server, tmp_path: Path) -> None:
+def test_outage_buffers_and_delivers_everything_once(server: MlflowServer, tmp_path: Path) -> None:
     run = RunLogger(server.uri, "outage", flush_interval_s=0.2, max_backoff_s=2.0)
     run.log_params({"lr": 0.1})
     step = 0
