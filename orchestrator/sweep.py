@@ -126,6 +126,11 @@ def _drive_trial(config: dict) -> None:
         log.info("trial %s already finished: not trained again", cfg.name)
         ray.tune.report({**done.get("metrics", {}), "already_finished": 1.0})
         return
+    if done.get("status") == "ERROR" and not record.get("retry_errored"):
+        # Tune may hand an errored trial back after a restore: it stays errored unless asked.
+        error = (done.get("error") or "").strip()[-500:]
+        raise RuntimeError(f"trial {cfg.name} failed before and is not retried without "
+                           f"--retry-errored: {error}")  # fmt: skip
     store.update_trial(cfg.name, status="RUNNING", started=time.time(), error=None)
     try:
         result = run_trial(cfg, tags=trial["tags"], parent_run_id=record.get("parent_run_id"),
@@ -324,6 +329,7 @@ def _run(spec: SweepSpec, plan: SweepPlan, store: SweepStore, record: dict, *,
                          f"`diffscale cancel {spec.name}` to stop it")  # fmt: skip
     tracker = _parent_run(spec, plan, record)
     record["parent_run_id"] = tracker.run_id
+    record["retry_errored"] = retry_errored
     record["trials"] = {t.name: {"config": t.config.to_dict(), "tags": t.tags(spec.name),
                                  "cells": t.cell_steps, "steps": t.steps, "size": t.size,
                                  "params": t.params} for t in plan.trials}  # fmt: skip

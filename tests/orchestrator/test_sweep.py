@@ -206,3 +206,27 @@ def test_status_and_cancel_of_a_running_sweep_on_s3(cluster, s3):
     assert row["status"] == "INTERRUPTED" and 20 <= row["step"] < 5000
     listed = client.list_objects_v2(Bucket=s3.bucket, Prefix="sweeps/cn/trials/cn-t00/checkpoint_")
     assert listed.get("KeyCount", 0) > 0  # checkpoints are kept for `diffscale resume`
+
+
+def test_errored_trial_is_kept_until_retried(cluster):
+    from diffusion.data import prepare_dataset
+
+    root, _ = cluster
+    data = root / "digits-data"
+    prepare_dataset("digits", str(data))
+    shard = next((data / "train").glob("part-*.parquet"))
+    hidden = shard.with_suffix(".away")
+    shard.rename(hidden)  # the manifest is there (validation passes); training cannot read
+    path = write_sweep(root, "er", data={"dataset": str(data)}, budget={"steps": 20},
+                       eval={**SWEEP["eval"], "features": "digits"})  # fmt: skip
+    where = ["--storage", str(root / "runs")]
+    failed = call(cluster, "submit", str(path))
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert re.search(r"er-t00\s+digits-xs\s+ERROR", failed.stdout), failed.stdout
+    assert "er-t00 failed:" in failed.stdout
+    kept = call(cluster, "resume", "er", *where)  # without --retry-errored: not rerun
+    assert kept.returncode == 1 and "er-t00: step" not in kept.stdout, kept.stdout + failed.stdout
+    hidden.rename(shard)
+    retried = call(cluster, "resume", "er", *where, "--retry-errored", timeout=600)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert re.search(r"er-t00\s+digits-xs\s+FINISHED\s+20/20", retried.stdout), retried.stdout
