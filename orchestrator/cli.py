@@ -208,42 +208,39 @@ def _say(msg: str) -> None:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from orchestrator.grid import dataset_problems, trial_table
-    from orchestrator.sweep import SweepError, check_capacity, prepare, status, submit
+    from orchestrator.sweep import SweepError, capacity_problems, prepare, status, submit
     from orchestrator.validation import ConfigError
 
     try:
-        spec, plan, store, record = prepare(args.sweep, args.set, check_data=False)
-        data_error = ConfigError(dataset_problems(plan.cells), spec.source)
-        if data_error.problems and not args.dry_run:
-            raise data_error
-        check_capacity(plan)
-        capacity = None
-    except ConfigError as e:
-        if not args.dry_run or e is data_error:
-            print(f"diffscale submit: error: {e}", file=sys.stderr)
-            return 2
-        capacity = e  # a dry run still shows the plan; a cluster may have what is missing
-    except SweepError as e:
+        prepared = prepare(args.sweep, args.set, check_data=False)
+    except (ConfigError, SweepError) as e:
         print(f"diffscale submit: error: {e}", file=sys.stderr)
         return 2
-    rows, headers = trial_table(plan)
+    spec, plan, store = prepared.spec, prepared.plan, prepared.store
+    data_error = ConfigError(dataset_problems(plan.cells), spec.source)
+    capacity = ConfigError(capacity_problems(plan), spec.source)
+    if not args.dry_run and (data_error.problems or capacity.problems):
+        print(f"diffscale submit: error: {data_error if data_error.problems else capacity}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if args.dry_run or not args.quiet:
         print(f"sweep {spec.name}: {len(plan.cells)} cells, {len(plan.trials)} trials, at most "
               f"{spec.max_concurrent_trials} at once")  # fmt: skip
-        print(tabulate(rows, headers=headers))
+        print(tabulate(*trial_table(plan)))
         print(plan.saving())
-        print(f"storage: {store.uri}\nMLflow:  {spec.tracking_uri} (experiment {spec.name!r})")
+        print(f"storage: {store.uri}\nMLflow:  {spec.tracking_uri} (experiment "
+              f"{spec.experiment!r})")  # fmt: skip
     if args.dry_run:
-        if record is not None:
+        if prepared.record is not None:
             print(f"(already submitted: `diffscale status {spec.name}`)")
-        if capacity is not None:
+        if capacity.problems:  # a cluster may have what this machine lacks
             print(f"note: without RAY_ADDRESS this machine cannot run it:\n{capacity}")
         if data_error.problems:
             print(f"diffscale submit: error: {data_error}", file=sys.stderr)
             return 2
         return 0
     try:
-        result = submit(args.sweep, args.set, retry_errored=args.retry_errored, say=_say)
+        result = submit(prepared, retry_errored=args.retry_errored, say=_say)
     except (ConfigError, SweepError) as e:
         print(f"diffscale submit: error: {e}", file=sys.stderr)
         return 2

@@ -42,10 +42,16 @@ import yaml
 
 from diffusion.flops import forward_flops_per_image, training_flops
 from diffusion.unet import UNetConfig
-from orchestrator.config import _BUDGET_KINDS, _SECTIONS, NAME_PATTERN, ResourcesConfig, TrialConfig
+from orchestrator.config import (
+    _BUDGET_KINDS,
+    _SECTIONS,
+    NAME_PATTERN,
+    ResourcesConfig,
+    TrialConfig,
+)
 from orchestrator.validation import ConfigError, Problem, build_section, load_yaml, unknown_key
 
-__all__ = ["Cell", "SweepPlan", "SweepSpec", "TrialPlan", "expand", "load_sweep"]
+__all__ = ["Cell", "SweepPlan", "SweepSpec", "TrialPlan", "expand", "load_plan", "load_sweep"]
 
 SWEEP_KEYS = ("name", "description", "grid", "include", "exclude", "max_concurrent_trials",
               "share_compute_prefix", "size_resources")  # fmt: skip
@@ -184,10 +190,11 @@ class SweepPlan:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """A validated sweep file."""
+    """A validated sweep file; its tracking URI and storage path are absolute (pinned at
+    load time, so a later command from another directory finds the same sweep)."""
 
     name: str
-    base: dict[str, Any]  # the trial sections as given (with the sweep's defaults applied)
+    base: dict[str, Any]  # the trial sections as given, with the sweep's defaults and pins
     grid: dict[str, list[Any]]  # canonical key -> values, in file order
     include: list[dict[str, Any]]
     exclude: list[dict[str, Any]]
@@ -197,18 +204,24 @@ class SweepSpec:
     description: str
     source: str
     text: str  # the file as given (logged as an artifact)
+    overrides: tuple[str, ...]  # --set items, then the pins: load_sweep(source, overrides, text)
 
     @property
     def tracking_uri(self) -> str:
-        return self.base_config().tracking.resolve_uri()
+        return self.base["tracking"]["uri"]
+
+    @property
+    def experiment(self) -> str:
+        return self.base["tracking"]["experiment"]
 
     @property
     def storage_path(self) -> str:
         """Absolute storage root of the sweep (a local path or s3:// URI)."""
-        return self.base_config().storage.resolve_path().rstrip("/") + "/" + self.name
+        return self.base["storage"]["path"].rstrip("/") + "/" + self.name
 
-    def base_config(self) -> TrialConfig:
-        return TrialConfig.from_dict({"name": self.name, **self.base}, source=self.source)
+    @property
+    def storage_endpoint(self) -> str | None:
+        return self.base["storage"].get("endpoint_url")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types, for comparing a resubmitted sweep with the stored one."""
@@ -273,6 +286,23 @@ def _apply_overrides(data: dict, overrides: Sequence[str]) -> list[Problem]:
     return problems
 
 
+def _path_pins(data: dict) -> list[str]:
+    """Overrides that make the tracking URI and the storage path absolute (the default
+    SQLite file and storage folder live in the working directory)."""
+    pins = []
+    for section, key, resolve in (("tracking", "uri", lambda c: c.resolve_uri()),
+                                  ("storage", "path", lambda c: c.resolve_path())):  # fmt: skip
+        given = data.get(section, {})
+        if not isinstance(given, dict):
+            continue  # validation reports it
+        try:
+            value = resolve(_SECTIONS[section](**({key: given[key]} if key in given else {})))
+        except ConfigError:
+            continue
+        pins.append(f"{section}.{key}={json.dumps(value)}")
+    return pins
+
+
 def load_sweep(
     path: str | Path,
     overrides: Sequence[str] = (),
@@ -280,8 +310,19 @@ def load_sweep(
     text: str | None = None,
     check_data: bool = True,
 ) -> SweepSpec:
-    """Read and validate a sweep file (``overrides``: ``--set key=value`` items; ``text``:
-    the file's content, when it is not read from ``path``).
+    """The validated spec of a sweep file: ``load_plan(...).spec``."""
+    return load_plan(path, overrides, text=text, check_data=check_data).spec
+
+
+def load_plan(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    text: str | None = None,
+    check_data: bool = True,
+) -> SweepPlan:
+    """Read, validate and expand a sweep file (``overrides``: ``--set key=value`` items;
+    ``text``: the file's content, when it is not read from ``path``).
 
     Checks the keys, every axis value on its own, every cell's full trial config, the
     per-size resources and (``check_data``) that the datasets exist with the splits and image
@@ -290,6 +331,8 @@ def load_sweep(
     source = str(path)
     data, text = _read(path, text)
     problems = _apply_overrides(data, overrides)
+    pins = [] if problems else _path_pins(data)
+    _apply_overrides(data, pins)
     problems += [unknown_key(k, [*SWEEP_KEYS, *_SECTIONS]) for k in data
                  if k not in SWEEP_KEYS and k not in _SECTIONS]  # fmt: skip
     name = data.get("name")
@@ -377,6 +420,7 @@ def load_sweep(
         name=name, base=base, grid=grid, include=cells_extra["include"],
         exclude=cells_extra["exclude"], max_concurrent_trials=mct, share_compute_prefix=share,
         size_resources=size_resources, description=str(description), source=source, text=text,
+        overrides=(*overrides, *pins),
     )  # fmt: skip
     plan = expand(spec)  # every cell validates, or one ConfigError lists what does not
     sizes = {t.size for t in plan.trials} | {t.config.model.name for t in plan.trials}
@@ -387,7 +431,7 @@ def load_sweep(
                           source)  # fmt: skip
     if check_data and (problems := dataset_problems(plan.cells)):
         raise ConfigError(problems, source)
-    return spec
+    return plan
 
 
 def dataset_problems(cells: Sequence[Cell]) -> list[Problem]:
@@ -442,6 +486,9 @@ def _resources_for(spec: SweepSpec, size: str, model_name: str, width: Any) -> d
     return {}
 
 
+_MISSING = object()
+
+
 def _cell_values(spec: SweepSpec) -> list[dict[str, Any]]:
     keys = list(spec.grid)
     cells = [
@@ -455,9 +502,6 @@ def _cell_values(spec: SweepSpec) -> list[dict[str, Any]]:
         if extra not in cells:
             cells.append(dict(extra))
     return cells
-
-
-_MISSING = object()
 
 
 def expand(spec: SweepSpec) -> SweepPlan:

@@ -28,18 +28,19 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from diffusion.data import storage
 from orchestrator.config import TrialConfig
-from orchestrator.grid import SweepPlan, SweepSpec, expand, load_sweep
-from orchestrator.validation import ConfigError
+from orchestrator.grid import SweepPlan, SweepSpec, load_plan
+from orchestrator.validation import ConfigError, Problem
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepError", "SweepStore", "cancel", "status", "submit"]
+__all__ = ["Prepared", "SweepError", "SweepStore", "cancel", "prepare", "resume", "status",
+           "submit"]  # fmt: skip
 
 HEARTBEAT_S = 10.0  # the driver refreshes driver.json this often
 STALE_S = 90.0  # a heartbeat older than this means the driver is gone
@@ -98,14 +99,13 @@ def store_for(name: str, storage_path: str | None = None, endpoint_url: str | No
     return SweepStore(base.rstrip("/") + "/" + name, endpoint_url)
 
 
-def load_stored(store: SweepStore) -> tuple[SweepSpec, dict]:
-    """The sweep as submitted (its text and overrides, with paths pinned) and sweep.json."""
+def stored_record(store: SweepStore) -> dict:
+    """The sweep's sweep.json: the file as submitted, its overrides, trials and run ids."""
     record = store.read("sweep.json")
     if record is None:
         raise SweepError(f"no sweep at {store.uri} (no sweep.json): submit it first, or pass "
                          f"--storage where it was submitted")  # fmt: skip
-    spec = load_sweep(record["source"], record["overrides"], text=record["text"])
-    return spec, record
+    return record
 
 
 # --------------------------------------------------------------------------- trainable
@@ -201,18 +201,11 @@ class SubmitResult:
     interrupted: bool
 
 
-def _pinned_overrides(spec: SweepSpec, overrides: list[str]) -> list[str]:
-    """The overrides plus absolute tracking URI and storage path (cwd-independent resume)."""
-    base = spec.base_config()
-    return [*overrides, f"tracking.uri={base.tracking.resolve_uri()}",
-            f"storage.path={base.storage.resolve_path()}"]  # fmt: skip
-
-
-def check_capacity(plan: SweepPlan) -> None:
+def capacity_problems(plan: SweepPlan) -> list[Problem]:
     """Without RAY_ADDRESS the sweep runs on a private local Ray: every trial must fit on
     this machine, or Tune would wait forever for resources that never come."""
     if os.environ.get("RAY_ADDRESS"):
-        return
+        return []
     cpus = os.cpu_count() or 1
     problems = []
     for t in plan.trials:
@@ -230,52 +223,59 @@ def check_capacity(plan: SweepPlan) -> None:
                 problems.append((f"resources.use_gpu ({t.size})", f"{res.num_workers} GPUs "
                                  f"needed, {torch.cuda.device_count()} here; set RAY_ADDRESS "
                                  "to a GPU cluster"))  # fmt: skip
-    if problems:
-        raise ConfigError(dict(problems).items(), plan.spec.source)
+    return problems
 
 
-def prepare(
-    path: str, overrides: list[str], *, check_data: bool = True
-) -> tuple[SweepSpec, SweepPlan, SweepStore, dict | None]:
-    """Load, validate, pin and expand a sweep; find its store and what it holds already.
+@dataclass(frozen=True)
+class Prepared:
+    """A validated, expanded sweep and what its storage already holds."""
+
+    plan: SweepPlan
+    store: SweepStore
+    record: dict | None  # the stored sweep.json; None for a new sweep
+
+    @property
+    def spec(self) -> SweepSpec:
+        return self.plan.spec
+
+
+def prepare(path: str, overrides: Sequence[str] = (), *, check_data: bool = True) -> Prepared:
+    """Load, validate and expand a sweep file; find its store and what it holds already.
 
     A sweep of the same name stored with a different definition is an error: resuming it
     with another grid would mix two studies in one experiment.
     """
-    spec = load_sweep(path, overrides, check_data=False)
-    pinned = _pinned_overrides(spec, list(overrides))
-    spec = load_sweep(path, pinned, check_data=check_data)
-    plan = expand(spec)
-    store = SweepStore(spec.storage_path, spec.base_config().storage.endpoint_url)
+    plan = load_plan(path, overrides, check_data=check_data)
+    spec = plan.spec
+    store = SweepStore(spec.storage_path, spec.storage_endpoint)
     record = store.read("sweep.json")
-    if record is not None:
-        stored = load_sweep(record["source"], record["overrides"], text=record["text"],
-                            check_data=False)  # fmt: skip
-        if stored.to_dict() != spec.to_dict():
-            changed = sorted(k for k in spec.to_dict() if spec.to_dict()[k] != stored.to_dict()[k])
-            raise SweepError(
-                f"sweep {spec.name!r} already exists at {store.uri} with a different definition "
-                f"(differs in: {', '.join(changed)}); give the new study another name, or "
-                f"`diffscale resume {spec.name}` to continue the stored one"
-            )
-    return spec, plan, store, record
+    if record is not None and record["definition"] != spec.to_dict():
+        changed = sorted(k for k, v in spec.to_dict().items() if record["definition"].get(k) != v)
+        raise SweepError(
+            f"sweep {spec.name!r} already exists at {store.uri} with a different definition "
+            f"(differs in: {', '.join(changed)}); give the new study another name, or "
+            f"`diffscale resume {spec.name}` to continue the stored one"
+        )
+    return Prepared(plan, store, record)
 
 
 def submit(
-    path: str,
-    overrides: list[str] | None = None,
+    prepared: Prepared,
     *,
     retry_errored: bool = False,
     say: Callable[[str], None] = log.info,
 ) -> SubmitResult:
-    """Submit (or, if it exists with the same definition, continue) the sweep in ``path``."""
-    spec, plan, store, record = prepare(path, list(overrides or []))
-    check_capacity(plan)
-    if record is None:
-        record = {"name": spec.name, "source": spec.source, "text": spec.text,
-                  "overrides": _pinned_overrides(spec, list(overrides or [])),
-                  "created": time.time()}  # fmt: skip
-    return _run(spec, plan, store, record, retry_errored=retry_errored, say=say)
+    """Run (or, if it exists with the same definition, continue) a prepared sweep:
+    ``submit(prepare("sweeps/demo.yaml"))``."""
+    spec = prepared.spec
+    if problems := capacity_problems(prepared.plan):
+        raise ConfigError(problems, spec.source)
+    record = prepared.record or {
+        "name": spec.name, "source": spec.source, "text": spec.text,
+        "overrides": list(spec.overrides), "definition": spec.to_dict(),
+        "tracking_uri": spec.tracking_uri, "experiment": spec.experiment, "created": time.time(),
+    }  # fmt: skip
+    return _run(prepared.plan, prepared.store, record, retry_errored=retry_errored, say=say)
 
 
 def resume(
@@ -289,17 +289,19 @@ def resume(
     """Continue sweep ``name`` after any interruption: finished trials are kept, the
     interrupted ones continue from their newest checkpoints, errored ones only if asked."""
     store = store_for(name, storage_path, endpoint_url)
-    spec, record = load_stored(store)
-    plan = expand(spec)
-    check_capacity(plan)
-    return _run(spec, plan, store, record, retry_errored=retry_errored, say=say)
+    record = stored_record(store)
+    plan = load_plan(record["source"], record["overrides"], text=record["text"])
+    if problems := capacity_problems(plan):
+        raise ConfigError(problems, plan.spec.source)
+    return _run(plan, store, record, retry_errored=retry_errored, say=say)
 
 
-def _parent_run(spec: SweepSpec, plan: SweepPlan, record: dict):
+def _parent_run(plan: SweepPlan, record: dict):
     from orchestrator.tracking import RunLogger
 
+    spec = plan.spec
     tracker = RunLogger(
-        spec.tracking_uri, spec.name, run_id=record.get("parent_run_id"), run_name=spec.name,
+        spec.tracking_uri, spec.experiment, run_id=record.get("parent_run_id"), run_name=spec.name,
         tags={"diffscale.role": "sweep", "sweep": spec.name},
     )  # fmt: skip
     if record.get("parent_run_id") is None:
@@ -313,11 +315,12 @@ def _parent_run(spec: SweepSpec, plan: SweepPlan, record: dict):
     return tracker
 
 
-def _run(spec: SweepSpec, plan: SweepPlan, store: SweepStore, record: dict, *,
-         retry_errored: bool, say: Callable[[str], None]) -> SubmitResult:  # fmt: skip
+def _run(plan: SweepPlan, store: SweepStore, record: dict, *, retry_errored: bool,
+         say: Callable[[str], None]) -> SubmitResult:  # fmt: skip
     import ray
     import ray.tune
 
+    spec = plan.spec
     driver = store.read("driver.json") or {}
     if (
         driver.get("state") == "running"
@@ -327,7 +330,7 @@ def _run(spec: SweepSpec, plan: SweepPlan, store: SweepStore, record: dict, *,
         raise SweepError(f"sweep {spec.name!r} is running (pid {driver.get('pid')} on "
                          f"{driver.get('host')}); `diffscale status {spec.name}` to watch it, "
                          f"`diffscale cancel {spec.name}` to stop it")  # fmt: skip
-    tracker = _parent_run(spec, plan, record)
+    tracker = _parent_run(plan, record)
     record["parent_run_id"] = tracker.run_id
     record["retry_errored"] = retry_errored
     record["trials"] = {t.name: {"config": t.config.to_dict(), "tags": t.tags(spec.name),
@@ -378,10 +381,6 @@ def _run(spec: SweepSpec, plan: SweepPlan, store: SweepStore, record: dict, *,
                     failure_config=ray.tune.FailureConfig(max_failures=0),
                 ),
             )  # fmt: skip
-        if retry_errored:
-            for t in plan.trials:
-                if store.trial_state(t.name).get("status") == "ERROR":
-                    store.update_trial(t.name, status="RETRYING")
         grid = tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
@@ -402,15 +401,15 @@ def status(name: str, *, storage_path: str | None = None, endpoint_url: str | No
            with_mlflow: bool = True) -> dict[str, Any]:  # fmt: skip
     """The sweep's driver state and one row per trial (status, progress, metrics, MLflow run)."""
     store = store_for(name, storage_path, endpoint_url)
-    spec, record = load_stored(store)
+    record = stored_record(store)
     driver = store.read("driver.json") or {}
     alive = driver.get("state") == "running" and _driver_alive(driver)
-    runs = _mlflow_runs(spec) if with_mlflow else {}
+    runs = _mlflow_runs(record["tracking_uri"], record["experiment"]) if with_mlflow else {}
     rows = []
     for trial, info in record.get("trials", {}).items():
         state = store.trial_state(trial)
         st = state.get("status", "PENDING")
-        if st in ("RUNNING", "RETRYING") and not alive:
+        if st == "RUNNING" and not alive:
             st = "INTERRUPTED"
         run = runs.get(trial)
         metrics = dict(state.get("metrics") or {})
@@ -427,7 +426,7 @@ def status(name: str, *, storage_path: str | None = None, endpoint_url: str | No
     if sweep_state == "running" and not alive:
         sweep_state = "interrupted"  # the driver died without saying so
     return {"name": name, "state": sweep_state, "storage": store.uri,
-            "tracking_uri": spec.tracking_uri, "parent_run_id": record.get("parent_run_id"),
+            "tracking_uri": record["tracking_uri"], "parent_run_id": record.get("parent_run_id"),
             "driver": driver, "trials": rows}  # fmt: skip
 
 
@@ -443,13 +442,13 @@ def _driver_alive(driver: dict) -> bool:
     return time.time() - driver.get("heartbeat", 0) < STALE_S
 
 
-def _mlflow_runs(spec: SweepSpec) -> dict[str, Any]:
+def _mlflow_runs(tracking_uri: str, experiment: str) -> dict[str, Any]:
     """trial -> its newest MLflow child run."""
     try:
         import mlflow
 
-        client = mlflow.MlflowClient(spec.tracking_uri)
-        exp = client.get_experiment_by_name(spec.base_config().tracking.experiment)
+        client = mlflow.MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
         if exp is None:
             return {}
         query = "tags.`diffscale.role` = 'trial'"
@@ -457,7 +456,7 @@ def _mlflow_runs(spec: SweepSpec) -> dict[str, Any]:
                                   order_by=["attributes.start_time ASC"])  # fmt: skip
         return {r.data.tags.get("trial"): r for r in runs}
     except Exception as error:  # status must still print what storage knows
-        log.warning("MLflow at %s unavailable: %s", spec.tracking_uri, error)
+        log.warning("MLflow at %s unavailable: %s", tracking_uri, error)
         return {}
 
 
@@ -465,7 +464,7 @@ def cancel(name: str, *, storage_path: str | None = None, endpoint_url: str | No
            wait_s: float = 120.0) -> str:  # fmt: skip
     """Ask the sweep's driver to stop (trials stop; checkpoints stay); wait for it."""
     store = store_for(name, storage_path, endpoint_url)
-    load_stored(store)
+    stored_record(store)  # a clear error for a sweep that is not there
     driver = store.read("driver.json") or {}
     if driver.get("state") != "running" or not _driver_alive(driver):
         return f"sweep {name!r} is not running ({driver.get('state', 'never run')})"

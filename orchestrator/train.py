@@ -357,16 +357,17 @@ def _evaluate(cfg: TrialConfig, diffusion, ema_model, device, step, tracker, fin
     fake = sample(diffusion, ema_model, (count, c, size, size), steps=ev.sample_steps,
                   generator=g, device=device).cpu()  # fmt: skip
     if ev.fid_samples > 0:
-        name = ev.features or ("digits" if cfg.data.dataset == "digits" else "inception")
-        extractor = get_feature_extractor(name, device=device)
+        extractor = get_feature_extractor(ev.feature_name(cfg.data.dataset), device=device)
         real_f = extractor(real_x)
+        real_stats = feature_statistics(real_f)
         fake_f = extractor(fake[: ev.fid_samples])
         out[f"eval/{extractor.fd_metric}"] = frechet_distance(
-            *feature_statistics(real_f), *feature_statistics(fake_f)
+            *real_stats, *feature_statistics(fake_f)
         )
         out["eval/precision"], out["eval/recall"] = precision_recall(real_f, fake_f, k=ev.k)
-    if final and ev.sampling:
-        out.update(_sampling_study(cfg, ema_model, device, real_x, extractor, real_f))
+        if final and ev.sampling:  # the config requires fid_samples > 0 for a sampling study
+            out.update(_sampling_study(cfg, ema_model, device, real_x.shape[1:], extractor,
+                                       real_stats))  # fmt: skip
     if tracker is not None and ev.grid_samples > 0:
         with tempfile.TemporaryDirectory() as tmp:
             path = save_image_grid(fake[: ev.grid_samples], Path(tmp) / f"samples_{step:08d}.png",
@@ -375,23 +376,24 @@ def _evaluate(cfg: TrialConfig, diffusion, ema_model, device, step, tracker, fin
     return {k: float(v) for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
-def _sampling_study(cfg: TrialConfig, ema_model, device, real_x, extractor, real_f) -> dict:
-    """FD of each ``eval.sampling`` sampler at the end of training (Sec. 4, Fig. 8), logged
-    as ``sampling/<fd>/<method>/<steps>`` (method ancestral, ddim or ancestral_<variance>)."""
+def _sampling_study(cfg: TrialConfig, ema_model, device, image_shape, extractor,
+                    real_stats) -> dict:  # fmt: skip
+    """FD of each ``eval.sampling`` sampler at the end of training (Sec. 4, Fig. 8) against
+    the real images' feature statistics, logged as ``sampling/<fd>/<method>/<steps>``
+    (method ancestral, ddim or ancestral_<variance>)."""
     out = {}
-    n, (c, size) = cfg.eval.fid_samples, (real_x.shape[1], real_x.shape[2])
+    n = cfg.eval.fid_samples
     for item in cfg.eval.sampling:
         method, spacing, var = parse_sampler(item)
         process = dataclasses.replace(cfg.diffusion, var_type=var) if var else cfg.diffusion
         diffusion = process.build()
         steps = len(space_timesteps(diffusion.num_timesteps, spacing))
         g = torch.Generator(device=device).manual_seed(cfg.train.seed + 7 * steps)
-        fake = sample(diffusion, ema_model, (n, c, size, size), steps=spacing, method=method,
+        fake = sample(diffusion, ema_model, (n, *image_shape), steps=spacing, method=method,
                       generator=g, device=device).cpu()  # fmt: skip
-        stats = feature_statistics(extractor(fake))
         name = f"{method}_{var}" if var else method
         out[f"sampling/{extractor.fd_metric}/{name}/{steps}"] = frechet_distance(
-            *feature_statistics(real_f), *stats
+            *real_stats, *feature_statistics(extractor(fake))
         )
     return out
 

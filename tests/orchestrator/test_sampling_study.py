@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion.data import to_model_range
-from diffusion.metrics import get_feature_extractor
+from diffusion.metrics import feature_statistics, get_feature_extractor
 from diffusion.unet import UNet
 from orchestrator.config import TrialConfig, parse_sampler
 from orchestrator.evaluate import load_real_images
@@ -47,8 +47,8 @@ def test_sampling_study_logs_fd_per_method_and_step_count(tmp_path, monkeypatch)
     model = UNet(cfg.model_config()).eval()
     real_x = to_model_range(load_real_images("digits", "test", 16))
     extractor = get_feature_extractor("digits")
-    out = _sampling_study(cfg, model, torch.device("cpu"), real_x, extractor,
-                          extractor(real_x))  # fmt: skip
+    out = _sampling_study(cfg, model, torch.device("cpu"), real_x.shape[1:], extractor,
+                          feature_statistics(extractor(real_x)))  # fmt: skip
     assert sorted(out) == [
         "sampling/digits_fd/ancestral/20", "sampling/digits_fd/ancestral/5",
         "sampling/digits_fd/ancestral_fixed_large/5", "sampling/digits_fd/ddim/5",
