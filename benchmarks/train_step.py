@@ -82,8 +82,16 @@ def ours(args: argparse.Namespace):
     model.train()
 
     def step() -> None:
-        train_step(model, diffusion, sampler, optimizer, x, generator=generator, ema=ema,
-                   autocast_dtype=dtype)  # fmt: skip
+        train_step(
+            model,
+            diffusion,
+            sampler,
+            optimizer,
+            x,
+            generator=generator,
+            ema=ema,
+            autocast_dtype=dtype,
+        )
 
     return step, config, model
 
@@ -100,10 +108,19 @@ def reference(path: Path):
 
     torch.manual_seed(0)
     options = model_and_diffusion_defaults()
-    options.update(image_size=32, num_channels=64, num_res_blocks=2, learn_sigma=True,
-                   attention_resolutions="16,8", dropout=0.1, diffusion_steps=4000,
-                   noise_schedule="cosine", use_kl=False, rescale_learned_sigmas=True,
-                   rescale_timesteps=True)  # fmt: skip
+    options.update(
+        image_size=32,
+        num_channels=64,
+        num_res_blocks=2,
+        learn_sigma=True,
+        attention_resolutions="16,8",
+        dropout=0.1,
+        diffusion_steps=4000,
+        noise_schedule="cosine",
+        use_kl=False,
+        rescale_learned_sigmas=True,
+        rescale_timesteps=True,
+    )
     model, diffusion = create_model_and_diffusion(**options)
     sampler = RefUniformSampler(diffusion)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
@@ -157,8 +174,10 @@ def main() -> None:
     if args.reference is not None:
         ref_step, ref_params = reference(args.reference)
         if ref_params != count_parameters(model):
-            raise SystemExit(f"reference model has {ref_params} parameters, ours "
-                             f"{count_parameters(model)}: not the same configuration")  # fmt: skip
+            raise SystemExit(
+                f"reference model has {ref_params} parameters, ours "
+                f"{count_parameters(model)}: not the same configuration"
+            )
     timed(step, args.warmup)
     if ref_step is not None:
         timed(ref_step, args.warmup)
@@ -204,15 +223,19 @@ def main() -> None:
     print(f"training step, {result['dtype']}, batch {BATCH}, {args.threads} threads, {_cpu_name()}")
     print(f"  images/s          {images_per_s:.2f}")
     if ref_step is not None:
-        print(f"  reference         {result['reference_images_per_s']:.2f} images/s, same run "
-              f"(ours x{result['ratio_vs_reference']:.2f})")  # fmt: skip
+        print(
+            f"  reference         {result['reference_images_per_s']:.2f} images/s, same run "
+            f"(ours x{result['ratio_vs_reference']:.2f})"
+        )
     print(
         f"  given anchor      {ANCHOR_IMAGES_PER_S} images/s "
         f"(ours x{result['ratio_vs_anchor']:.2f})"
     )
     print(f"  achieved FLOP/s   {result['achieved_flops_per_s'] / 1e9:.1f} G")
-    print(f"  matmul fp32 peak  {peak / 1e9:.1f} G "
-          f"(utilisation {result['utilisation_of_matmul_peak']:.0%})")  # fmt: skip
+    print(
+        f"  matmul fp32 peak  {peak / 1e9:.1f} G "
+        f"(utilisation {result['utilisation_of_matmul_peak']:.0%})"
+    )
     print(f"  wrote {args.out}")
 
 

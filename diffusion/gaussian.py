@@ -1,38 +1,42 @@
-"""Gaussian diffusion: forward process, posterior, reverse process and training objectives.
+"""Gaussian diffusion: the reverse process p(x_{t-1} | x_t), one sampling step, the terms of
+the variational bound and the training objectives, on top of the closed-form forward process
+and posterior of :class:`diffusion.forward.ForwardProcess`.
 
 Notation follows Nichol & Dhariwal (2021) and Ho et al. (2020): betas b_t, a_t = 1 - b_t,
 abar_t = prod_{s<=t} a_s, all float64 numpy arrays indexed by t in [0, T). Tensors are
 [N, C, H, W] images in [-1, 1] and [N] integer timesteps.
-
-Coefficients are gathered in the dtype of the images they multiply (float64 images give a
-float64 computation end to end; anything narrower computes in float32).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from diffusion.likelihood import (
+from diffusion.forward import ForwardProcess
+from diffusion.ops import (
     LOG2,
-    _draw,
+    NoiseFn,
+    check_choice,
     discretized_gaussian_log_likelihood,
+    draw_noise,
+    math_dtype,
     mean_flat,
     normal_kl,
 )
-from diffusion.schedules import BETA_SCHEDULES, get_beta_schedule, space_timesteps
+from diffusion.schedules import space_timesteps
 
 __all__ = [
+    "LEARNED_VAR_TYPES",
     "MEAN_TYPES",
     "OBJECTIVES",
     "VAR_TYPES",
-    "DiffusionConfig",
+    "BpdResult",
     "GaussianDiffusion",
+    "Model",
     "PMeanVariance",
 ]
 
@@ -42,55 +46,6 @@ OBJECTIVES = ("simple", "hybrid", "vlb")
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 
 Model = Callable[..., torch.Tensor]
-
-
-@dataclass(frozen=True, kw_only=True)
-class DiffusionConfig:
-    """Everything that defines a diffusion process; ``build()`` makes it.
-
-    Defaults are the paper's improved setting: cosine schedule, T = 4000, eps prediction,
-    learned-range variances (Eq. 15), L_hybrid (Eq. 16), timesteps rescaled to [0, 1000).
-    """
-
-    schedule: str = "cosine"
-    num_timesteps: int = 4000
-    mean_type: str = "eps"
-    var_type: str = "learned_range"
-    objective: str = "hybrid"
-    hybrid_lambda: float = 1e-3
-    rescale_timesteps: bool = True
-
-    def __post_init__(self) -> None:
-        _check_choice("schedule", self.schedule, tuple(BETA_SCHEDULES))
-        if not isinstance(self.num_timesteps, int) or self.num_timesteps < 1:
-            raise ValueError(f"num_timesteps: must be a positive int, got {self.num_timesteps!r}")
-        self.build()  # validates every combination now, with the process's own messages
-
-    def build(self) -> GaussianDiffusion:
-        return GaussianDiffusion(
-            get_beta_schedule(self.schedule, self.num_timesteps),
-            mean_type=self.mean_type,
-            var_type=self.var_type,
-            objective=self.objective,
-            hybrid_lambda=self.hybrid_lambda,
-            rescale_timesteps=self.rescale_timesteps,
-        )
-
-    @property
-    def learns_sigma(self) -> bool:
-        return self.var_type in LEARNED_VAR_TYPES
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DiffusionConfig:
-        """Inverse of ``to_dict``; unknown keys raise ValueError naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"diffusion: unknown keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
 
 
 class PMeanVariance(NamedTuple):
@@ -105,7 +60,25 @@ class PMeanVariance(NamedTuple):
         return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
 
 
-class GaussianDiffusion:
+@dataclass(frozen=True)
+class BpdResult:
+    """Per-image terms of the variational bound (Eq. 5), all in bits/dim.
+
+    ``vb`` and the MSE columns are ordered by timestep, column t = L_t ([N, T]); indexable
+    by field name (``result["total_bpd"]``).
+    """
+
+    total_bpd: torch.Tensor  # [N] sum_t vb[:, t] + prior_bpd
+    prior_bpd: torch.Tensor  # [N] L_T = KL(q(x_T | x_0) || N(0, I))
+    vb: torch.Tensor  # [N, T]
+    xstart_mse: torch.Tensor  # [N, T]
+    mse: torch.Tensor  # [N, T] epsilon MSE implied by the predicted x_0
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return getattr(self, key)
+
+
+class GaussianDiffusion(ForwardProcess):
     """The diffusion process of Ho et al. (2020) with the changes of Nichol & Dhariwal (2021).
 
     Args:
@@ -133,9 +106,9 @@ class GaussianDiffusion:
         timestep_map: Iterable[int] | None = None,
         original_num_steps: int | None = None,
     ) -> None:
-        _check_choice("mean_type", mean_type, MEAN_TYPES)
-        _check_choice("var_type", var_type, VAR_TYPES)
-        _check_choice("objective", objective, OBJECTIVES)
+        check_choice("mean_type", mean_type, MEAN_TYPES)
+        check_choice("var_type", var_type, VAR_TYPES)
+        check_choice("objective", objective, OBJECTIVES)
         learned = var_type in LEARNED_VAR_TYPES
         if objective == "hybrid" and not learned:
             raise ValueError(
@@ -151,18 +124,12 @@ class GaussianDiffusion:
         if not hybrid_lambda > 0:
             raise ValueError(f"hybrid_lambda: must be > 0, got {hybrid_lambda}")
 
-        betas = np.asarray(betas, dtype=np.float64)
-        if betas.ndim != 1 or betas.size == 0:
-            raise ValueError(f"betas: must be a non-empty 1-D array, got shape {betas.shape}")
-        if not ((betas > 0).all() and (betas <= 1).all()):
-            raise ValueError("betas: every beta must lie in (0, 1]")
-
+        super().__init__(betas)
         self.mean_type = mean_type
         self.var_type = var_type
         self.objective = objective
         self.hybrid_lambda = float(hybrid_lambda)
         self.rescale_timesteps = bool(rescale_timesteps)
-        self.num_timesteps = int(betas.shape[0])
         self.timestep_map = (
             np.arange(self.num_timesteps)
             if timestep_map is None
@@ -171,46 +138,6 @@ class GaussianDiffusion:
         if self.timestep_map.shape != (self.num_timesteps,):
             raise ValueError("timestep_map: needs one original timestep per beta")
         self.original_num_steps = int(original_num_steps or self.num_timesteps)
-
-        # Forward process (Eq. 9).
-        self.betas = betas
-        self.alphas = 1.0 - betas
-        self.alphas_cumprod = np.cumprod(self.alphas, axis=0)
-        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
-        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
-        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
-        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
-        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
-        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
-
-        # Posterior q(x_{t-1} | x_t, x_0), Eq. 10-12. beta~_0 = 0, so its log is "clipped"
-        # to beta~_1 (only ever used at t = 0 through the decoder).
-        self.posterior_variance = (
-            betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        )
-        self.posterior_log_variance_clipped = np.log(
-            np.append(self.posterior_variance[1], self.posterior_variance[1:])
-            if self.num_timesteps > 1
-            else self.betas  # a one-step process has no beta~_1: fall back to b_0
-        )
-        self.posterior_mean_coef1 = (
-            betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        )
-        self.posterior_mean_coef2 = (
-            (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
-        )
-        self.log_betas = np.log(betas)
-        # fixed_large: b_t as the variance, with beta~_1 at t = 0 for a sensible decoder.
-        self.fixed_large_variance = (
-            np.append(self.posterior_variance[1], betas[1:]) if self.num_timesteps > 1 else betas
-        )
-        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
-        self._recip_coef1 = 1.0 / self.posterior_mean_coef1
-        self._coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
-        # id(array) -> (array, tensor) per (device, dtype): no host-to-device copy per step.
-        self._tensor_cache: dict[tuple, tuple[np.ndarray, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ configuration
     def __repr__(self) -> str:
@@ -257,12 +184,7 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Timesteps the model sees for process indices ``t``: original steps, maybe rescaled."""
-        key = (id(self.timestep_map), t.device, torch.int64)
-        cached = self._tensor_cache.get(key)
-        if cached is None:
-            cached = (self.timestep_map, torch.as_tensor(self.timestep_map, device=t.device))
-            self._tensor_cache[key] = cached
-        mapped = cached[1][t]
+        mapped = self.cached_tensor(self.timestep_map, t.device, torch.int64)[t]
         if self.rescale_timesteps:
             return mapped.float() * (1000.0 / self.original_num_steps)
         return mapped
@@ -271,80 +193,6 @@ class GaussianDiffusion:
         self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None
     ) -> torch.Tensor:
         return model(x, self.model_timesteps(t), **(model_kwargs or {}))
-
-    def _extract(self, arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """arr[t] as a tensor broadcastable to ``like`` ([N] -> [N, 1, 1, 1]).
-
-        float64 when ``like`` is float64, float32 otherwise (bf16 images get float32 math).
-        """
-        key = (id(arr), like.device, _math_dtype(like))
-        cached = self._tensor_cache.get(key)
-        if cached is None or cached[0] is not arr:
-            cached = (arr, torch.from_numpy(arr).to(device=like.device, dtype=key[2]))
-            self._tensor_cache[key] = cached
-        values = cached[1][t.long()]
-        return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
-
-    # ------------------------------------------------------------------ forward process
-    def q_mean_variance(
-        self, x_start: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and log variance of q(x_t | x_0) (Eq. 9)."""
-        mean = self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = self._extract(self.one_minus_alphas_cumprod, t, x_start)
-        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start)
-        return mean, variance, log_variance
-
-    def q_sample(
-        self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Draw x_t ~ q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Eq. 9)."""
-        if noise is None:
-            noise = torch.randn_like(x_start)
-        if noise.shape != x_start.shape:
-            raise ValueError(f"noise: shape {tuple(noise.shape)} != x_start {tuple(x_start.shape)}")
-        return (
-            self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-            + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
-        )
-
-    def q_posterior_mean_variance(
-        self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (Eq. 10-12)."""
-        mean = (
-            self._extract(self.posterior_mean_coef1, t, x_t) * x_start
-            + self._extract(self.posterior_mean_coef2, t, x_t) * x_t
-        )
-        variance = self._extract(self.posterior_variance, t, x_t)
-        log_variance = self._extract(self.posterior_log_variance_clipped, t, x_t)
-        return mean, variance, log_variance
-
-    def predict_xstart_from_eps(
-        self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
-    ) -> torch.Tensor:
-        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Eq. 9 solved for x_0)."""
-        return (
-            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
-        )
-
-    def predict_xstart_from_xprev(
-        self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor
-    ) -> torch.Tensor:
-        """x_0 from the posterior mean (Eq. 11 solved for x_0)."""
-        return (
-            self._extract(self._recip_coef1, t, x_t) * xprev
-            - self._extract(self._coef2_over_coef1, t, x_t) * x_t
-        )
-
-    def predict_eps_from_xstart(
-        self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
-    ) -> torch.Tensor:
-        """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1/abar_t - 1)."""
-        return (
-            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart
-        ) / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
 
     # ------------------------------------------------------------------ reverse process
     def p_mean_variance(
@@ -366,7 +214,7 @@ class GaussianDiffusion:
         """
         if model_output is None:
             model_output = self._call_model(model, x, t, model_kwargs)
-        model_output = model_output.to(_math_dtype(x))
+        model_output = model_output.to(math_dtype(x))
         c = x.shape[1]
         expected = 2 * c if self.learns_sigma else c
         if model_output.shape[1] != expected:
@@ -380,8 +228,8 @@ class GaussianDiffusion:
             model_variance = torch.exp(model_log_variance)
         elif self.var_type == "learned_range":
             model_output, var_values = torch.split(model_output, c, dim=1)
-            min_log = self._extract(self.posterior_log_variance_clipped, t, x)
-            max_log = self._extract(self.log_betas, t, x)
+            min_log = self.extract(self.posterior_log_variance_clipped, t, x)
+            max_log = self.extract(self.log_betas, t, x)
             frac = (var_values + 1) / 2  # v in [-1, 1] -> [0, 1], Eq. 15
             model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
@@ -392,8 +240,8 @@ class GaussianDiffusion:
             else:
                 variance = self.posterior_variance
                 log_variance = self.posterior_log_variance_clipped
-            model_variance = self._extract(variance, t, x).expand_as(x)
-            model_log_variance = self._extract(log_variance, t, x).expand_as(x)
+            model_variance = self.extract(variance, t, x).expand_as(x)
+            model_log_variance = self.extract(log_variance, t, x).expand_as(x)
 
         def process_xstart(x0: torch.Tensor) -> torch.Tensor:
             if denoised_fn is not None:
@@ -421,17 +269,17 @@ class GaussianDiffusion:
         model_kwargs: dict | None = None,
         noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One ancestral step; see :func:`diffusion.sampling.p_sample`.
+        """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t); no noise is added at t = 0.
 
-        Returns {"sample": x_{t-1}, "pred_xstart": x_0 prediction}.
+        Returns {"sample": x_{t-1}, "pred_xstart": x_0 prediction}, both [N, C, H, W].
         """
-        from diffusion.sampling import p_sample
-
         noise = torch.randn_like(x) if noise is None else noise
-        sample, pred = p_sample(
-            self, model, x, t, noise=noise, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs
         )
-        return {"sample": sample, "pred_xstart": pred}
+        nonzero = (t != 0).to(out.mean.dtype).reshape(-1, *([1] * (x.ndim - 1)))  # [N, 1, 1, 1]
+        sample = out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise
+        return {"sample": sample, "pred_xstart": out.pred_xstart}
 
     def ddim_sample(
         self,
@@ -443,15 +291,22 @@ class GaussianDiffusion:
         eta: float = 0.0,
         noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One DDIM step; see :func:`diffusion.sampling.ddim_sample`."""
-        from diffusion.sampling import ddim_sample
+        """One DDIM step (Song et al. 2020, Eq. 12), eta = 0 deterministic, eta = 1 ~ DDPM.
 
+        eps is recomputed from the (clipped) predicted x_0;
+        sigma = eta * sqrt((1 - abar_prev)/(1 - abar)) * sqrt(1 - abar/abar_prev).
+        """
         noise = torch.randn_like(x) if noise is None else noise
-        sample, pred = ddim_sample(
-            self, model, x, t, noise=noise, eta=eta, clip_denoised=clip_denoised,
-            model_kwargs=model_kwargs,
-        )  # fmt: skip
-        return {"sample": sample, "pred_xstart": pred}
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+        )
+        eps = self.predict_eps_from_xstart(x, t, out.pred_xstart)
+        abar = self.extract(self.alphas_cumprod, t, x)
+        abar_prev = self.extract(self.alphas_cumprod_prev, t, x)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        mean = out.pred_xstart * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
+        nonzero = (t != 0).to(mean.dtype).reshape(-1, *([1] * (x.ndim - 1)))  # [N, 1, 1, 1]
+        return {"sample": mean + nonzero * sigma * noise, "pred_xstart": out.pred_xstart}
 
     # ------------------------------------------------------------------ bound and losses
     def vb_terms_bpd(
@@ -468,9 +323,13 @@ class GaussianDiffusion:
         decoder NLL L_0 for t = 0. Returns {"output": [N], "pred_xstart": [N, C, H, W]}."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(
-            model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+            model,
+            x_t,
+            t,
+            clip_denoised=clip_denoised,
+            model_kwargs=model_kwargs,
             model_output=model_output,
-        )  # fmt: skip
+        )
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out.mean, out.log_variance)) / LOG2
         decoder_nll = -discretized_gaussian_log_likelihood(
             x_start, means=out.mean, log_scales=0.5 * out.log_variance
@@ -541,41 +400,31 @@ class GaussianDiffusion:
         x_start: torch.Tensor,
         clip_denoised: bool = True,
         model_kwargs: dict | None = None,
-        noise_fn: Callable[[int], torch.Tensor] | None = None,
+        noise_fn: NoiseFn | None = None,
         generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The full bound, one timestep per forward: the plain reference loop.
+    ) -> BpdResult:
+        """The full bound (Eq. 5) in bits/dim, one timestep per forward: the reference loop.
 
         For t = T-1, ..., 0 draws fresh noise (``noise_fn(t)`` if given), samples x_t and
-        evaluates L_t. Returns total_bpd [N], prior_bpd [N], and vb, xstart_mse, mse as
-        [N, T] with column 0 holding t = T-1 (the reference's order). The fast equivalent
-        is :func:`diffusion.likelihood.calc_bpd`.
+        evaluates L_t. Columns of the result are ordered by timestep (column t = L_t). The
+        fast equivalent is :func:`diffusion.likelihood.calc_bpd`.
         """
         vb, xstart_mse, mse = [], [], []
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x_start.shape[0],), i, device=x_start.device)
-            noise = _draw(noise_fn, i, x_start, generator)
+            noise = draw_noise(noise_fn, i, x_start, generator)
             x_t = self.q_sample(x_start, t, noise=noise)
             out = self.vb_terms_bpd(model, x_start, x_t, t, clip_denoised, model_kwargs)
             vb.append(out["output"])
             xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
             eps = self.predict_eps_from_xstart(x_t, t, out["pred_xstart"])
             mse.append(mean_flat((eps - noise) ** 2))
-        vb_all = torch.stack(vb, dim=1)
         prior = self.prior_bpd(x_start)
-        return {
-            "total_bpd": vb_all.sum(dim=1) + prior,
-            "prior_bpd": prior,
-            "vb": vb_all,
-            "xstart_mse": torch.stack(xstart_mse, dim=1),
-            "mse": torch.stack(mse, dim=1),
-        }
-
-
-def _math_dtype(like: torch.Tensor) -> torch.dtype:
-    return torch.float64 if like.dtype == torch.float64 else torch.float32
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}: got {value!r}; allowed values: {list(allowed)}")
+        return BpdResult(
+            # Summed in drawing order (t = T-1 first), as the reference does.
+            total_bpd=torch.stack(vb, dim=1).sum(dim=1) + prior,
+            prior_bpd=prior,
+            vb=torch.stack(vb[::-1], dim=1),
+            xstart_mse=torch.stack(xstart_mse[::-1], dim=1),
+            mse=torch.stack(mse[::-1], dim=1),
+        )

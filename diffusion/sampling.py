@@ -9,13 +9,9 @@ same order as the reference implementation, so seeded runs replay exactly.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from diffusion.gaussian import GaussianDiffusion, Model
 
@@ -23,11 +19,9 @@ __all__ = [
     "SAMPLING_METHODS",
     "ddim_sample",
     "ddim_sample_loop",
-    "image_grid",
     "p_sample",
     "p_sample_loop",
     "sample",
-    "save_image_grid",
 ]
 
 StepNoise = Callable[[int], torch.Tensor]
@@ -44,15 +38,14 @@ def p_sample(
     clip_denoised: bool = True,
     model_kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t); no noise is added at t = 0.
+    """One ancestral step x_t -> x_{t-1} (:meth:`GaussianDiffusion.p_sample`).
 
     Returns (x_{t-1}, predicted x_0), both [N, C, H, W].
     """
-    out = diffusion.p_mean_variance(
-        model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+    out = diffusion.p_sample(
+        model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs, noise=noise
     )
-    nonzero = (t != 0).to(out.mean.dtype).reshape(-1, *([1] * (x.ndim - 1)))  # [N, 1, 1, 1]
-    return out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise, out.pred_xstart
+    return out["sample"], out["pred_xstart"]
 
 
 def ddim_sample(
@@ -66,21 +59,20 @@ def ddim_sample(
     clip_denoised: bool = True,
     model_kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step (Song et al. 2020, Eq. 12), eta = 0 deterministic, eta = 1 ~ DDPM.
+    """One DDIM step (Song et al. 2020, Eq. 12; :meth:`GaussianDiffusion.ddim_sample`).
 
-    eps is recomputed from the (clipped) predicted x_0;
-    sigma = eta * sqrt((1 - abar_prev)/(1 - abar)) * sqrt(1 - abar/abar_prev).
+    Returns (x_{t-1}, predicted x_0), both [N, C, H, W].
     """
-    out = diffusion.p_mean_variance(
-        model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+    out = diffusion.ddim_sample(
+        model,
+        x,
+        t,
+        clip_denoised=clip_denoised,
+        model_kwargs=model_kwargs,
+        eta=eta,
+        noise=noise,
     )
-    eps = diffusion.predict_eps_from_xstart(x, t, out.pred_xstart)
-    abar = diffusion._extract(diffusion.alphas_cumprod, t, x)
-    abar_prev = diffusion._extract(diffusion.alphas_cumprod_prev, t, x)
-    sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-    mean_pred = out.pred_xstart * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
-    nonzero = (t != 0).to(mean_pred.dtype).reshape(-1, *([1] * (x.ndim - 1)))  # [N, 1, 1, 1]
-    return mean_pred + nonzero * sigma * noise, out.pred_xstart
+    return out["sample"], out["pred_xstart"]
 
 
 def _loop(
@@ -137,10 +129,19 @@ def p_sample_loop(
     Returns x_0 samples [N, C, H, W] (shape = ``shape``), in [-1, 1] when clipping.
     """
     return _loop(
-        diffusion, model, shape, p_sample, noise=noise, step_noise=step_noise,
-        generator=generator, device=device, dtype=dtype, progress=progress,
-        clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-    )  # fmt: skip
+        diffusion,
+        model,
+        shape,
+        p_sample,
+        noise=noise,
+        step_noise=step_noise,
+        generator=generator,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        clip_denoised=clip_denoised,
+        model_kwargs=model_kwargs,
+    )
 
 
 def ddim_sample_loop(
@@ -162,10 +163,20 @@ def ddim_sample_loop(
     if eta < 0:
         raise ValueError(f"eta: must be >= 0, got {eta}")
     return _loop(
-        diffusion, model, shape, ddim_sample, noise=noise, step_noise=step_noise,
-        generator=generator, device=device, dtype=dtype, progress=progress,
-        eta=eta, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-    )  # fmt: skip
+        diffusion,
+        model,
+        shape,
+        ddim_sample,
+        noise=noise,
+        step_noise=step_noise,
+        generator=generator,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        eta=eta,
+        clip_denoised=clip_denoised,
+        model_kwargs=model_kwargs,
+    )
 
 
 def sample(
@@ -189,35 +200,3 @@ def sample(
     if method == "ddim":
         return ddim_sample_loop(diffusion, model, shape, eta=eta, **kwargs)
     return p_sample_loop(diffusion, model, shape, **kwargs)
-
-
-def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) -> np.ndarray:
-    """Tile [N, C, H, W] images in [-1, 1] into one uint8 array [rows*H, cols*W, C]."""
-    if images.ndim != 4:
-        raise ValueError(f"images: expected [N, C, H, W], got shape {tuple(images.shape)}")
-    n, c, h, w = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    ncol_rows = math.ceil(n / nrow)
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    grid = np.zeros(
-        (ncol_rows * (h + padding) + padding, nrow * (w + padding) + padding, c), np.uint8
-    )
-    for k in range(n):
-        r, col = divmod(k, nrow)
-        y, x = padding + r * (h + padding), padding + col * (w + padding)
-        grid[y : y + h, x : x + w] = pixels[k].permute(1, 2, 0).numpy()  # [C,H,W] -> [H,W,C]
-    return grid
-
-
-def save_image_grid(
-    images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1
-) -> Path:
-    """Write a PNG grid of [N, C, H, W] images in [-1, 1]; ``scale`` enlarges small images."""
-    grid = image_grid(images, nrow=nrow)
-    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path

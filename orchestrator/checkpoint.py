@@ -31,17 +31,19 @@ from typing import Any
 
 import torch
 
-from diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from diffusion.config import DiffusionConfig
+from diffusion.gaussian import GaussianDiffusion
 from diffusion.unet import UNet, UNetConfig
+from orchestrator.names import (
+    CHECKPOINT_MANIFEST,
+    CHECKPOINT_META,
+    CHECKPOINT_RANK_MANIFEST,
+    CHECKPOINT_STATE,
+)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-META = "meta.json"
 FORMAT_VERSION = 1
-STATE_FILE = "trainer_state.pt"  # per-rank layout, rank 0: model, EMA, optimizer, ...
-RNG_FILE = "rng_rank{rank}.pt"  # per-rank layout: each rank's RNG states
-RANK_MANIFEST = "manifest_rank{rank}.json"  # per-rank layout: sha256 of that rank's files
 
 __all__ = [
     "CheckpointError",
@@ -49,6 +51,7 @@ __all__ = [
     "load_checkpoint",
     "load_model_checkpoint",
     "save_checkpoint",
+    "sha256_file",
     "verify_rank_manifests",
     "write_rank_files",
 ]
@@ -71,8 +74,8 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Any], meta: dict[str, A
         for name, obj in tensors.items():
             torch.save(obj, tmp / f"{name}.pt")
             files[f"{name}.pt"] = None
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        files[META] = None
+        (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        files[CHECKPOINT_META] = None
         manifest = {
             "format_version": FORMAT_VERSION,
             "files": {
@@ -80,7 +83,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Any], meta: dict[str, A
                 for name in sorted(files)
             },
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _fsync_dir(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -99,9 +102,9 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Any], meta: dict[str, A
 def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[dict[str, Any], dict]:
     """(tensors by name, meta) of a checkpoint, after checking it against its manifest."""
     path = Path(path)
-    manifest_path = path / MANIFEST
+    manifest_path = path / CHECKPOINT_MANIFEST
     if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: not a complete checkpoint (no {MANIFEST})")
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {CHECKPOINT_MANIFEST})")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
@@ -113,7 +116,7 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[dict[str, An
             raise CheckpointError(f"{path}: {name} is listed in the manifest but missing")
         if verify and sha256_file(file) != entry["sha256"]:
             raise CheckpointError(f"{file}: checksum mismatch (truncated or corrupt)")
-    meta = json.loads((path / META).read_text())
+    meta = json.loads((path / CHECKPOINT_META).read_text())
     tensors = {
         name[: -len(".pt")]: torch.load(path / name, map_location="cpu", weights_only=True)
         for name in files
@@ -133,13 +136,15 @@ def write_rank_files(directory: Path, rank: int, files: dict[str, Any]) -> None:
         else:
             torch.save(obj, path)
         entries[name] = sha256_file(path)
-    (directory / RANK_MANIFEST.format(rank=rank)).write_text(json.dumps(entries, indent=2))
+    (directory / CHECKPOINT_RANK_MANIFEST.format(rank=rank)).write_text(
+        json.dumps(entries, indent=2)
+    )
 
 
 def verify_rank_manifests(directory: Path, world_size: int) -> None:
     """Raise CheckpointError unless every rank's manifest is there and every file matches."""
     for rank in range(world_size):
-        manifest = directory / RANK_MANIFEST.format(rank=rank)
+        manifest = directory / CHECKPOINT_RANK_MANIFEST.format(rank=rank)
         if not manifest.is_file():
             raise CheckpointError(f"{directory}: no {manifest.name} (incomplete checkpoint)")
         for name, digest in json.loads(manifest.read_text()).items():
@@ -164,15 +169,15 @@ def load_model_checkpoint(path: str | Path, device: torch.device | str = "cpu") 
     """Rebuild the model, its EMA and the diffusion process of a checkpoint (eval mode),
     in either layout."""
     path = Path(path)
-    if (path / RANK_MANIFEST.format(rank=0)).is_file():
-        meta = json.loads((path / META).read_text())
+    if (path / CHECKPOINT_RANK_MANIFEST.format(rank=0)).is_file():
+        meta = json.loads((path / CHECKPOINT_META).read_text())
         verify_rank_manifests(path, int(meta.get("world_size", 1)))
-        tensors = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        tensors = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
     else:
         tensors, meta = load_checkpoint(path)
     for key in ("model", "diffusion"):
         if key not in meta:
-            raise CheckpointError(f"{path}: {META} has no {key!r} config")
+            raise CheckpointError(f"{path}: {CHECKPOINT_META} has no {key!r} config")
     for key in ("model", "ema"):
         if key not in tensors:
             raise CheckpointError(f"{path}: no {key}.pt")

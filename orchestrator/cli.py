@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from tabulate import tabulate
+
+from diffusion.data.registry import DATASETS
+from diffusion.likelihood import NLL_KINDS
+from diffusion.metrics.registry import FEATURE_EXTRACTORS
+from diffusion.sampling import SAMPLING_METHODS
+from orchestrator.analysis.commands import add_parsers as add_analysis_parsers
+from orchestrator.names import EVAL_RESULT_FILE
+from orchestrator.sweep.commands import add_parsers as add_sweep_parsers
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -124,12 +131,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         options = EvalOptions(
-            data=args.data, split=args.split, num_images=args.num_images, nll=args.nll,
-            nll_timesteps=args.nll_timesteps, num_samples=args.num_samples,
-            sample_steps=args.sample_steps, sample_method=args.sample_method,
-            features=args.features, k=args.k, batch_size=args.batch_size, seed=args.seed,
+            data=args.data,
+            split=args.split,
+            num_images=args.num_images,
+            nll=args.nll,
+            nll_timesteps=args.nll_timesteps,
+            num_samples=args.num_samples,
+            sample_steps=args.sample_steps,
+            sample_method=args.sample_method,
+            features=args.features,
+            k=args.k,
+            batch_size=args.batch_size,
+            seed=args.seed,
             device=args.device,
-        )  # fmt: skip
+        )
     except ValueError as e:
         print(f"diffscale eval: error: {e}", file=sys.stderr)
         return 2
@@ -144,16 +159,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(r, indent=2))
         return 0
     fd_key = "fid" if "fid" in r else next(k for k in r if k.endswith("_fd"))
+    fd_how = (
+        f"features: {r['features']}, {options.num_samples} samples, {options.sample_steps} steps"
+    )
     rows = [
         ["NLL (bits/dim)", f"{r['nll_bpd']:.4f} +- {r['nll_stderr']:.4f}", r["nll_kind"]],
-        [fd_key, f"{r[fd_key]:.4f}", f"features: {r['features']}, {options.num_samples} "
-                                     f"samples, {options.sample_steps} steps"],
+        [fd_key, f"{r[fd_key]:.4f}", fd_how],
         ["precision", f"{r['precision']:.4f}", f"k={options.k}"],
         ["recall", f"{r['recall']:.4f}", f"k={options.k}"],
         ["samples", r["samples_png"], ""],
-    ]  # fmt: skip
+    ]
     print(tabulate(rows, headers=["metric", "value", "how"]))
-    print(f"wrote {Path(out) / 'eval.json'}")
+    print(f"wrote {Path(out) / EVAL_RESULT_FILE}")
     return 0
 
 
@@ -167,10 +184,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, OSError) as e:
         print(f"diffscale train: error: {e}", file=sys.stderr)
         return 2
-    from orchestrator.train import run_trial
+    from orchestrator.trial import run_trial
 
-    print(f"diffscale train: trial {cfg.name!r}, {cfg.resources.num_workers} worker(s), "
-          f"storage {cfg.storage.path}, MLflow {cfg.tracking.resolve_uri()}")  # fmt: skip
+    print(
+        f"diffscale train: trial {cfg.name!r}, {cfg.resources.num_workers} worker(s), "
+        f"storage {cfg.storage.path}, MLflow {cfg.tracking.resolve_uri()}"
+    )
     import ray.train
 
     try:
@@ -182,130 +201,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(tabulate(sorted(metrics.items()), headers=["metric", "final value"]))
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else '-'}")
     return 0
-
-
-def _print_status(report: dict) -> None:
-    rows = []
-    for r in report["trials"]:
-        m = r["metrics"]
-        fd = next((k for k in ("eval/fid", "eval/digits_fd") if k in m), None)
-        rows.append([
-            r["trial"], r["size"], r["status"], f"{r['step']}/{r['total']}", r["cells"],
-            f"{m['eval/nll_bpd']:.4f}" if "eval/nll_bpd" in m else "-",
-            f"{m[fd]:.4g}" if fd else "-", (r["mlflow_run"] or "-")[:12],
-        ])  # fmt: skip
-    print(f"sweep {report['name']}: {report['state']}  (storage {report['storage']})")
-    print(tabulate(rows, headers=["trial", "size", "status", "step", "cells", "NLL bpd", "FD",
-                                  "MLflow run"]))  # fmt: skip
-    for r in report["trials"]:
-        if r["status"] == "ERROR" and r["error"]:
-            print(f"\n{r['trial']} failed:\n  " + r["error"].strip().splitlines()[-1][:400])
-
-
-def _say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _cmd_submit(args: argparse.Namespace) -> int:
-    from orchestrator.grid import dataset_problems, trial_table
-    from orchestrator.sweep import SweepError, capacity_problems, prepare, status, submit
-    from orchestrator.validation import ConfigError
-
-    try:
-        prepared = prepare(args.sweep, args.set, check_data=False)
-    except (ConfigError, SweepError) as e:
-        print(f"diffscale submit: error: {e}", file=sys.stderr)
-        return 2
-    spec, plan, store = prepared.spec, prepared.plan, prepared.store
-    data_error = ConfigError(dataset_problems(plan.cells), spec.source)
-    capacity = ConfigError(capacity_problems(plan), spec.source)
-    if not args.dry_run and (data_error.problems or capacity.problems):
-        print(f"diffscale submit: error: {data_error if data_error.problems else capacity}",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    if args.dry_run or not args.quiet:
-        print(f"sweep {spec.name}: {len(plan.cells)} cells, {len(plan.trials)} trials, at most "
-              f"{spec.max_concurrent_trials} at once")  # fmt: skip
-        print(tabulate(*trial_table(plan)))
-        print(plan.saving())
-        print(f"storage: {store.uri}\nMLflow:  {spec.tracking_uri} (experiment "
-              f"{spec.experiment!r})")  # fmt: skip
-    if args.dry_run:
-        if prepared.record is not None:
-            print(f"(already submitted: `diffscale status {spec.name}`)")
-        if capacity.problems:  # a cluster may have what this machine lacks
-            print(f"note: without RAY_ADDRESS this machine cannot run it:\n{capacity}")
-        if data_error.problems:
-            print(f"diffscale submit: error: {data_error}", file=sys.stderr)
-            return 2
-        return 0
-    try:
-        result = submit(prepared, retry_errored=args.retry_errored, say=_say)
-    except (ConfigError, SweepError) as e:
-        print(f"diffscale submit: error: {e}", file=sys.stderr)
-        return 2
-    _print_status(status(spec.name, storage_path=spec.storage_path.rsplit("/", 1)[0],
-                         endpoint_url=store.endpoint_url))  # fmt: skip
-    return _exit_code(result)
-
-
-def _exit_code(result) -> int:
-    if result.interrupted:
-        print(f"interrupted: `diffscale resume {result.plan.spec.name}` continues it")
-        return 130
-    return 0 if all(s == "FINISHED" for s in result.statuses.values()) else 1
-
-
-def _cmd_resume(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import SweepError, resume, status
-    from orchestrator.validation import ConfigError
-
-    try:
-        result = resume(args.name, storage_path=args.storage, endpoint_url=args.endpoint_url,
-                        retry_errored=args.retry_errored, say=_say)  # fmt: skip
-    except (ConfigError, SweepError) as e:
-        print(f"diffscale resume: error: {e}", file=sys.stderr)
-        return 2
-    _print_status(status(args.name, storage_path=args.storage, endpoint_url=args.endpoint_url))
-    return _exit_code(result)
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    import json
-
-    from orchestrator.sweep import SweepError, status
-    from orchestrator.validation import ConfigError
-
-    try:
-        report = status(args.name, storage_path=args.storage, endpoint_url=args.endpoint_url)
-    except (ConfigError, SweepError) as e:
-        print(f"diffscale status: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report, indent=1, default=str))
-    else:
-        _print_status(report)
-    return 0
-
-
-def _cmd_cancel(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import SweepError, cancel
-
-    try:
-        print(cancel(args.name, storage_path=args.storage, endpoint_url=args.endpoint_url,
-                     wait_s=args.wait))  # fmt: skip
-    except SweepError as e:
-        print(f"diffscale cancel: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _sweep_location(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help="the sweep's name (its `name:` key)")
-    p.add_argument("--storage", default=None,
-                   help="storage.path the sweep was submitted with (default: $DIFFSCALE_STORAGE, "
-                   "else ./diffscale_runs)")  # fmt: skip
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint of the storage")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a dataset to Parquet shards plus a manifest, locally or on S3. "
         "Re-running to the same --out skips an identical complete dataset.",
     )
-    prep.add_argument("name", help="digits, cifar10, imagenet64 or folder")
+    *others, last = DATASETS
+    prep.add_argument("name", help=f"{', '.join(others)} or {last}")
     prep.add_argument("--out", required=True, help="output: a directory or s3://bucket/prefix")
     prep.add_argument(
         "--source",
@@ -364,14 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default="digits", help="'digits' or a prepared dataset URI")
     ev.add_argument("--split", default="test", help="split of the real images")
     ev.add_argument("--num-images", type=int, default=256, help="real images (NLL, stats)")
-    ev.add_argument("--nll", default="subset", choices=["full", "subset"])
+    ev.add_argument("--nll", default="subset", choices=list(NLL_KINDS))
     ev.add_argument("--nll-timesteps", type=int, default=50, help="subset: terms per image")
     ev.add_argument("--num-samples", type=int, default=256, help="samples for FD, P/R")
     ev.add_argument("--sample-steps", default="100", help="strided steps: '100', 'ddim50'")
-    ev.add_argument("--sample-method", default="ancestral", choices=["ancestral", "ddim"])
+    ev.add_argument("--sample-method", default="ancestral", choices=list(SAMPLING_METHODS))
     ev.add_argument(
         "--features",
-        choices=["digits", "inception"],
+        choices=sorted(FEATURE_EXTRACTORS),
         default=None,
         help="feature network (default: digits for digits, else inception)",
     )
@@ -400,39 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.set_defaults(func=_cmd_train)
 
-    sb = sub.add_parser(
-        "submit",
-        help="run a sweep YAML (model size x compute grid) on Ray Tune",
-        description="Validate and expand a sweep YAML, then run every trial with Ray Tune "
-        "(the local Ray, or the cluster in RAY_ADDRESS). Submitting a sweep that already "
-        "exists continues it: finished trials are not trained again.",
-    )
-    sb.add_argument("sweep", help="sweep YAML, e.g. sweeps/demo.yaml")
-    sb.add_argument("--dry-run", action="store_true", help="print the trial table; start nothing")
-    sb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override: train.lr=3e-4, max_concurrent_trials=1, "
-                    "grid.budget.steps=[100,200] (repeatable)")  # fmt: skip
-    sb.add_argument("--retry-errored", action="store_true", help="retry trials that failed")
-    sb.add_argument("--quiet", action="store_true", help="no trial table before running")
-    sb.set_defaults(func=_cmd_submit)
-
-    rs = sub.add_parser("resume", help="continue an interrupted sweep")
-    _sweep_location(rs)
-    rs.add_argument("--retry-errored", action="store_true", help="retry trials that failed")
-    rs.set_defaults(func=_cmd_resume)
-
-    st = sub.add_parser("status", help="per-trial state, progress and latest metrics")
-    _sweep_location(st)
-    st.add_argument("--json", action="store_true", help="print one JSON document")
-    st.set_defaults(func=_cmd_status)
-
-    cn = sub.add_parser("cancel", help="stop a running sweep (checkpoints are kept)")
-    _sweep_location(cn)
-    cn.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the stop")
-    cn.set_defaults(func=_cmd_cancel)
-    from orchestrator.analysis.commands import add_parsers as _add_analysis
-
-    _add_analysis(sub)
+    add_sweep_parsers(sub)
+    add_analysis_parsers(sub)
     return parser
 
 

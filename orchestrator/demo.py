@@ -1,4 +1,4 @@
-"""The CPU demo: train a small UNet on the offline digits for a fixed wall-clock budget,
+"""The CPU demo: train a small UNet on the built-in digits for a fixed wall-clock budget,
 then report held-out bits/dim before and after, and write a grid of strided samples.
 
 It runs with nothing but the package (no Ray, no MLflow, no network) so a new machine can
@@ -16,17 +16,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffusion.data import load_digits_uint8, to_model_range
+from diffusion.config import DiffusionConfig
+from diffusion.data import get_dataset
 from diffusion.flops import forward_flops_per_image, training_flops
-from diffusion.gaussian import DiffusionConfig
+from diffusion.images import save_image_grid, to_model_range
 from diffusion.likelihood import calc_bpd
-from diffusion.sampling import sample, save_image_grid
+from diffusion.sampling import sample
 from diffusion.timesteps import create_sampler
 from diffusion.training import EMA, make_optimizer, train_step
 from diffusion.unet import build_model, count_parameters, get_model_config
 from orchestrator.checkpoint import save_checkpoint
+from orchestrator.names import DEMO_CHECKPOINT_DIR, DEMO_RESULT_FILE, EVAL_SAMPLES_FILE
 
 log = logging.getLogger(__name__)
+
+DEMO_DATASET = "digits"  # built in: no network, no preparation
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,8 @@ class DemoConfig:
 
 
 def run_demo(config: DemoConfig, out_dir: str | Path, progress: bool = True) -> dict:
-    """Train, evaluate and sample; writes ``samples.png`` and ``result.json`` to ``out_dir``.
+    """Train, evaluate and sample; writes ``samples.png``, ``result.json`` and
+    ``checkpoint/`` to ``out_dir``.
 
     Returns the result dictionary (bits/dim before and after, steps, images/s, paths).
     """
@@ -75,8 +80,9 @@ def run_demo(config: DemoConfig, out_dir: str | Path, progress: bool = True) -> 
     optimizer = make_optimizer(model.parameters(), lr=config.lr)
     ema = EMA(model, config.ema_rate)
 
-    train = to_model_range(load_digits_uint8("train")[0])
-    test = to_model_range(load_digits_uint8("test")[0][: config.eval_images])
+    dataset = get_dataset(DEMO_DATASET)
+    train = to_model_range(dataset.load_split("train"))
+    test = to_model_range(dataset.load_split("test")[: config.eval_images])
 
     def bits_per_dim(net: torch.nn.Module) -> float:
         # The same noise before and after training: the difference is the model's alone.
@@ -118,13 +124,18 @@ def run_demo(config: DemoConfig, out_dir: str | Path, progress: bool = True) -> 
         steps=config.sample_steps,
         generator=torch.Generator().manual_seed(config.seed + 2),
     )
-    grid_path = save_image_grid(samples, out / "samples.png", scale=4)
+    grid_path = save_image_grid(samples, out / EVAL_SAMPLES_FILE, scale=4)
     checkpoint = save_checkpoint(
-        out / "checkpoint",
+        out / DEMO_CHECKPOINT_DIR,
         {"model": model.state_dict(), "ema": ema.state_dict()},
-        {"model": model_config.to_dict(), "diffusion": diffusion_config.to_dict(),
-         "data": {"dataset": "digits"}, "step": steps, "images_seen": images},
-    )  # fmt: skip
+        {
+            "model": model_config.to_dict(),
+            "diffusion": diffusion_config.to_dict(),
+            "data": {"dataset": dataset.name},
+            "step": steps,
+            "images_seen": images,
+        },
+    )
 
     fwd = forward_flops_per_image(model_config)
     result = {
@@ -142,5 +153,5 @@ def run_demo(config: DemoConfig, out_dir: str | Path, progress: bool = True) -> 
         "samples_png": str(grid_path),
         "checkpoint": str(checkpoint),
     }
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / DEMO_RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -3,14 +3,23 @@
 - ``digits``: scikit-learn's handwritten digits with a fixed train/test split (offline).
 - ``storage``: URI (local path or ``s3://bucket/prefix``) -> pyarrow filesystem and path.
 - ``shards``: the on-disk format (Parquet shards + a manifest written last) and its reader.
-- ``prepare``: ``prepare_dataset(name, out_uri, **options)`` for digits, cifar10, imagenet64
-  and folder sources (``sources``, ``folder``).
+- ``registry``: every dataset (digits, cifar10, imagenet64, folder) with its preparer,
+  splits, image shape and default feature extractor; ``digits`` is the built-in one.
+- ``prepare``: ``prepare_dataset(name, out_uri, **options)`` for any registered dataset
+  (readers in ``sources``, ``folder``).
 - ``loader``: ``ShardLoader``, the deterministic, resumable, DDP-aware batch stream.
 """
 
-from diffusion.data.digits import DIGITS_TEST_SIZE, load_digits_uint8, to_model_range
+from diffusion.data.digits import DIGITS_TEST_SIZE, load_digits_uint8
 from diffusion.data.loader import ShardLoader
 from diffusion.data.prepare import PREPARERS, PrepareResult, prepare_dataset
+from diffusion.data.registry import (
+    DATASETS,
+    DatasetSpec,
+    builtin_dataset,
+    default_features,
+    get_dataset,
+)
 from diffusion.data.shards import (
     IncompleteDatasetError,
     Manifest,
@@ -20,10 +29,13 @@ from diffusion.data.shards import (
     open_dataset,
 )
 from diffusion.data.storage import resolve
+from diffusion.images import to_model_range
 
 __all__ = [
+    "DATASETS",
     "DIGITS_TEST_SIZE",
     "PREPARERS",
+    "DatasetSpec",
     "IncompleteDatasetError",
     "Manifest",
     "PrepareResult",
@@ -31,6 +43,9 @@ __all__ = [
     "ShardDataset",
     "ShardLoader",
     "SplitInfo",
+    "builtin_dataset",
+    "default_features",
+    "get_dataset",
     "load_digits_uint8",
     "open_dataset",
     "prepare_dataset",

@@ -11,9 +11,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-import torch
 
-__all__ = ["DIGITS_TEST_SIZE", "load_digits_uint8", "to_model_range"]
+__all__ = ["DIGITS_TEST_SIZE", "SPLITS", "load_digits_uint8"]
 
 DIGITS_TEST_SIZE = 297
 SPLITS = ("train", "test")
@@ -36,11 +35,3 @@ def load_digits_uint8(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     images, labels = _all_digits()
     part = slice(0, DIGITS_TEST_SIZE) if split == "test" else slice(DIGITS_TEST_SIZE, None)
     return images[part].copy(), labels[part].copy()
-
-
-def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 pixels k -> float32 -1 + 2k/255, the bin centres of the discretized decoder."""
-    x = torch.as_tensor(images)
-    if x.dtype != torch.uint8:
-        raise ValueError(f"images: expected uint8 pixels, got {x.dtype}")
-    return x.float() / 127.5 - 1.0

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from diffusion.data.shards import ShardDataset, open_dataset, take_rows
+from diffusion.images import to_model_range
 
 __all__ = ["ShardLoader"]
 
@@ -147,7 +148,7 @@ class ShardLoader:
         if self.flip and flips.any():
             mask = torch.from_numpy(flips)
             x[mask] = x[mask].flip(-1)
-        return x.float().div_(127.5).sub_(1.0), torch.from_numpy(labels)
+        return to_model_range(x), torch.from_numpy(labels)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, offset = self._epoch, self._offset

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from diffusion.data import storage
-from diffusion.data.folder import folder_source
+from diffusion.data.registry import DATASETS, get_dataset
 from diffusion.data.shards import (
     DEFAULT_SHARD_SIZE,
     FORMAT,
@@ -31,18 +31,13 @@ from diffusion.data.shards import (
     write_manifest,
     write_split,
 )
-from diffusion.data.sources import Source, cifar10_source, digits_source, imagenet64_source
+from diffusion.data.sources import Source
 
 __all__ = ["PREPARERS", "PrepareResult", "prepare_dataset"]
 
 log = logging.getLogger(__name__)
 
-PREPARERS: dict[str, Callable[..., Source]] = {
-    "digits": digits_source,
-    "cifar10": cifar10_source,
-    "imagenet64": imagenet64_source,
-    "folder": folder_source,
-}
+PREPARERS: dict[str, Callable[..., Source]] = {name: spec.source for name, spec in DATASETS.items()}
 _OURS = re.compile(r"[^/]+/part-\d{5}\.parquet(\.tmp-[0-9a-f]+)?|manifest\.json\.tmp-[0-9a-f]+")
 
 
@@ -56,9 +51,7 @@ class PrepareResult:
 
 
 def _source(name: str, options: dict) -> Source:
-    if name not in PREPARERS:
-        raise ValueError(f"dataset: unknown name {name!r}; allowed values: {sorted(PREPARERS)}")
-    make = PREPARERS[name]
+    make = get_dataset(name).source
     allowed = list(inspect.signature(make).parameters)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -107,7 +100,7 @@ def prepare_dataset(
     force: bool = False,
     **options,
 ) -> PrepareResult:
-    """Prepare dataset ``name`` (one of ``PREPARERS``) as Parquet shards at ``out_uri`` (local
+    """Prepare dataset ``name`` (one of ``DATASETS``) as Parquet shards at ``out_uri`` (local
     path or ``s3://bucket/prefix``; ``endpoint_url`` for S3-compatible servers).
 
     ``options`` go to the source: digits takes none; cifar10 ``source`` (path or URL),

@@ -46,6 +46,7 @@ __all__ = [
     "Batches",
     "Source",
     "cifar10_source",
+    "cifar_batch",
     "digits_source",
     "fetch",
     "imagenet64_source",
@@ -164,7 +165,11 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"CIFAR batch: refusing to load {module}.{name}")
 
 
-def _cifar_batch(data: bytes, member: str) -> tuple[np.ndarray, np.ndarray]:
+def cifar_batch(data: bytes, member: str) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled CIFAR-10 batch ``member`` -> images [N, 3, 32, 32] uint8, labels [N] int64.
+
+    Only what numpy arrays need is unpickled; anything else raises UnpicklingError.
+    """
     batch = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
     images = np.asarray(batch[b"data"], dtype=np.uint8)
     labels = np.asarray(batch[b"labels"], dtype=np.int64)
@@ -187,7 +192,7 @@ def _cifar_split(path: Path, members: Sequence[str]) -> Batches:
     if missing:
         raise ValueError(f"{path}: no member(s) {missing} under cifar-10-batches-py/")
     for m in members:
-        yield _cifar_batch(found.pop(m), m)
+        yield cifar_batch(found.pop(m), m)
 
 
 def cifar10_source(

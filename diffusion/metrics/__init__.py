@@ -3,7 +3,7 @@ precision/recall (Kynkaanniemi et al. 2019), over pluggable feature extractors (
 pytorch-fid's FID Inception; "digits": an offline digits classifier, reported as "digits_fd").
 """
 
-from diffusion.metrics.features import FEATURE_EXTRACTORS, FeatureExtractor, get_feature_extractor
+from diffusion.metrics.base import FeatureExtractor
 from diffusion.metrics.frechet import (
     feature_statistics,
     frechet_distance,
@@ -11,6 +11,7 @@ from diffusion.metrics.frechet import (
     save_statistics,
 )
 from diffusion.metrics.precision_recall import precision_recall
+from diffusion.metrics.registry import FEATURE_EXTRACTORS, get_feature_extractor
 
 __all__ = [
     "FEATURE_EXTRACTORS",

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.data.digits import load_digits_uint8
-from diffusion.metrics.features import FeatureExtractor, images_to_unit_range
+from diffusion.images import images_to_unit_range
+from diffusion.metrics.base import FeatureExtractor
 
 __all__ = [
     "DIGITS_CLASSIFIER_VERSION",

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.metrics.features import FeatureExtractor
+from diffusion.metrics.base import FeatureExtractor
 
 __all__ = [
     "InceptionFeatureExtractor",

@@ -19,16 +19,29 @@ import pyarrow as pa
 from mlflow.exceptions import MlflowException
 from tabulate import tabulate
 
+from orchestrator.analysis import fit as F
 from orchestrator.analysis import report
+from orchestrator.analysis.fit import FORMS
 from orchestrator.analysis.paper import ablation_rows, human_count
 from orchestrator.analysis.query import QueryError, load_runs, metric_columns
+from orchestrator.names import (
+    COMPUTE_FLOPS,
+    COMPUTE_IMAGES,
+    COMPUTE_PREFIX,
+    EVAL_DIGITS_FD,
+    EVAL_FID,
+    EVAL_NLL,
+    EVAL_PREFIX,
+    MODEL_PARAMS_PARAM,
+    SAMPLING_PREFIX,
+    SIZE_TAG,
+)
 
 __all__ = ["add_parsers", "cmd_fit", "cmd_table"]
 
-FORMS = ("henighan", "power", "chinchilla")  # as orchestrator.analysis.fit.FORMS
-METRIC_ALIASES = {"nll": "eval/nll_bpd", "fid": "eval/fid"}
-FD_FALLBACK = {"eval/fid": "eval/digits_fd"}  # the digits dataset logs a digits-feature FD
-PARAMS_COL, FLOPS_COL, IMAGES_COL = "params.model.params", "compute/flops", "compute/images"
+METRIC_ALIASES = {"nll": EVAL_NLL, "fid": EVAL_FID}
+FD_FALLBACK = {EVAL_FID: EVAL_DIGITS_FD}  # the digits dataset logs a digits-feature FD
+PARAMS_COL, FLOPS_COL, IMAGES_COL = f"params.{MODEL_PARAMS_PARAM}", COMPUTE_FLOPS, COMPUTE_IMAGES
 TABLE_COLUMNS = ("Iters", "T", "Schedule", "Objective", "NLL", "FID", "paper NLL", "paper FID")
 
 
@@ -91,7 +104,7 @@ def _floats(table: pa.Table, col: str) -> np.ndarray:
 
 def _groups(table: pa.Table) -> np.ndarray:
     """Model-size label per row: tags.size, else params.model.name, else the run name."""
-    for col in ("tags.size", "params.model.name", "run_name"):
+    for col in (f"tags.{SIZE_TAG}", "params.model.name", "run_name"):
         if col in table.column_names and table.column(col).null_count == 0:
             return np.array(table.column(col).to_pylist(), dtype=object)
     return np.array(table.column("run_id").to_pylist(), dtype=object)
@@ -130,13 +143,12 @@ def _predictions(fit: Any, form: str, values: list[float] | None) -> list[dict[s
 
 def _fit_sweep(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any], list[Path]]:
     """Load the sweep, fit, plot. Returns (FitResult, extra JSON fields, plot paths)."""
-    from orchestrator.analysis import fit as F
-
     x = args.x or "compute"
     if x not in ("compute", "params"):
         raise _BadInput(f"--x for a sweep must be 'compute' or 'params', got {x!r}")
     wanted = METRIC_ALIASES.get(args.metric, args.metric)
-    keys = [wanted, "eval/*", "compute/*", "sampling/*"]  # train/* can be long and is not needed
+    # train/* can be long and is not needed
+    keys = [wanted, f"{EVAL_PREFIX}*", f"{COMPUTE_PREFIX}*", f"{SAMPLING_PREFIX}*"]
     table = load_runs(args.name, tracking_uri=args.tracking_uri, metrics=keys)
     if table.num_rows == 0:
         raise _BadInput(f"experiment {args.name!r} has no trial runs")
@@ -173,20 +185,29 @@ def _fit_sweep(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any]
         desc += f" over all {len(y)} points"
     plots = [
         report.plot_metric_vs_compute(
-            compute, y, group, out / "compute.png", metric_name=metric,
+            compute,
+            y,
+            group,
+            out / "compute.png",
+            metric_name=metric,
             fit=result if x == "compute" and args.form != "chinchilla" else None,
-            frontier=(frontier.compute, frontier.metric), title=f"{args.name}: {metric}",
+            frontier=(frontier.compute, frontier.metric),
+            title=f"{args.name}: {metric}",
         )
-    ]  # fmt: skip
+    ]
     if np.isfinite(n).any():
         has_n = np.isfinite(n) & (n > 0)
         sizes, best = _largest_compute_per_size(n[has_n], compute[has_n], y[has_n])
         plots.append(
             report.plot_metric_vs_params(
-                sizes, best, out / "params.png", metric_name=metric,
-                fit=result if x == "params" else None, title=f"{args.name}: {metric}",
+                sizes,
+                best,
+                out / "params.png",
+                metric_name=metric,
+                fit=result if x == "params" else None,
+                title=f"{args.name}: {metric}",
             )
-        )  # fmt: skip
+        )
     sampling = report.plot_sampling_steps(table, out / "sampling.png", title=args.name)
     plots += [sampling] if sampling else []
     extra = {"experiment": args.name, "metric": metric, "x": x, "description": desc}
@@ -194,8 +215,6 @@ def _fit_sweep(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any]
 
 
 def _fit_table(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any], list[Path]]:
-    from orchestrator.analysis import fit as F
-
     kw = {
         "seed": args.seed,
         **({"bootstrap": args.bootstrap} if args.bootstrap is not None else {}),
@@ -221,9 +240,14 @@ def _fit_table(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any]
     result = F.fit_power_law(x, y, form=args.form, **kw)
     extra["description"] = f"{args.y} vs {args.x}"
     plot = report.plot_metric_vs_compute(
-        x, y, np.array(["data"] * len(x), dtype=object), out / "fit.png", fit=result,
-        metric_name=args.y, title=f"{Path(args.table).name}: {args.y} vs {args.x}",
-    )  # fmt: skip
+        x,
+        y,
+        np.array(["data"] * len(x), dtype=object),
+        out / "fit.png",
+        fit=result,
+        metric_name=args.y,
+        title=f"{Path(args.table).name}: {args.y} vs {args.x}",
+    )
     return result, extra, [plot]
 
 
@@ -281,7 +305,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     """``diffscale table``: see the subcommand's help."""
     try:
-        table = load_runs(args.name, tracking_uri=args.tracking_uri, metrics=["eval/*"])
+        table = load_runs(args.name, tracking_uri=args.tracking_uri, metrics=[f"{EVAL_PREFIX}*"])
         if table.num_rows == 0:
             raise _BadInput(f"experiment {args.name!r} has no trial runs")
         rows = ablation_rows(table)
@@ -302,16 +326,26 @@ def cmd_table(args: argparse.Namespace) -> int:
         return num(v, ".2f" if v is None or abs(v) >= 0.1 else ".3g")
 
     body = [
-        [human_count(r["Iters"]), human_count(r["T"]), r["Schedule"] or "-", r["Objective"] or "-",
-         num(r["NLL"], ".3f"), fd(r["FID"]), num(r["paper NLL"], ".2f"),
-         num(r["paper FID"], ".1f"), r["trial"] or "-"]
+        [
+            human_count(r["Iters"]),
+            human_count(r["T"]),
+            r["Schedule"] or "-",
+            r["Objective"] or "-",
+            num(r["NLL"], ".3f"),
+            fd(r["FID"]),
+            num(r["paper NLL"], ".2f"),
+            num(r["paper FID"], ".1f"),
+            r["trial"] or "-",
+        ]
         for r in rows
-    ]  # fmt: skip
+    ]
     print(f"diffscale table: {args.name} ({len(rows)} cells)")
     print(tabulate(body, headers=[*TABLE_COLUMNS, "trial"], disable_numparse=True))
     used = sorted({m for r in rows for m in (r["NLL metric"], r["FID metric"]) if m})
-    print(f"NLL, FID from: {', '.join(used) or 'nothing logged'}; paper: ImageNet 64x64, "
-          "Nichol & Dhariwal 2021 (matched on Iters, T, Schedule, Objective)")  # fmt: skip
+    print(
+        f"NLL, FID from: {', '.join(used) or 'nothing logged'}; paper: ImageNet 64x64, "
+        "Nichol & Dhariwal 2021 (matched on Iters, T, Schedule, Objective)"
+    )
     return 0
 
 
@@ -331,9 +365,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     fit.add_argument("name", nargs="?", help="sweep name (its MLflow experiment)")
     fit.add_argument("--table", help="fit a CSV or Parquet table instead of a sweep")
-    fit.add_argument("--metric", default="eval/nll_bpd",
-                     help="sweep: metric to fit, e.g. eval/nll_bpd, eval/fid (eval/digits_fd "
-                     "if no eval/fid); aliases nll, fid")  # fmt: skip
+    fit.add_argument(
+        "--metric",
+        default=EVAL_NLL,
+        help="sweep: metric to fit, e.g. eval/nll_bpd, eval/fid (eval/digits_fd "
+        "if no eval/fid); aliases nll, fid",
+    )
     fit.add_argument("--form", choices=FORMS, default="henighan")
     fit.add_argument("--x", help="sweep: compute (default) or params; table: the x column")
     fit.add_argument("--y", help="table, henighan/power: the y column")
@@ -375,7 +412,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     fit.add_argument("--json", action="store_true", help="print one JSON document only")
     fit.add_argument("--no-log", action="store_true", help="do not log to the sweep's run")
-    fit.set_defaults(func=cmd_fit)  # fmt: skip
+    fit.set_defaults(func=cmd_fit)
 
     tab = sub.add_parser(
         "table",
@@ -384,7 +421,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "FID beside the rows whose (Iters, T, Schedule, Objective) it reports.",
     )
     tab.add_argument("name", help="sweep name (its MLflow experiment)")
-    tab.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, "
-                     "else sqlite:///./mlflow.db)")  # fmt: skip
+    tab.add_argument(
+        "--tracking-uri",
+        help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)",
+    )
     tab.add_argument("--json", action="store_true", help="print one JSON document only")
     tab.set_defaults(func=cmd_table)

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from orchestrator.analysis.query import cell_rows
+from orchestrator.names import EVAL_DIGITS_FD, EVAL_FID, EVAL_NLL, EVAL_NLL_FULL
 
 __all__ = [
     "ABLATION",
@@ -81,7 +82,7 @@ def _pick(row: dict[str, Any], first: str, second: str) -> tuple[float | None, s
 
 def ablation_rows(table: pa.Table) -> list[dict[str, Any]]:
     """The paper's ablation layout, one row per grid cell of a load_runs table."""
-    wanted = ["eval/nll_bpd_full", "eval/nll_bpd", "eval/fid", "eval/digits_fd"]
+    wanted = [EVAL_NLL_FULL, EVAL_NLL, EVAL_FID, EVAL_DIGITS_FD]
     cells = cell_rows(table, [m for m in wanted if m in table.column_names], with_steps=True)
     rows = []
     for c in cells.to_pylist():
@@ -90,23 +91,39 @@ def ablation_rows(table: pa.Table) -> list[dict[str, Any]]:
             c.get("params.diffusion.schedule"),
             c.get("params.diffusion.objective"),
         )
-        nll, nll_from = _pick(c, "eval/nll_bpd_full", "eval/nll_bpd")
-        fid, fid_from = _pick(c, "eval/fid", "eval/digits_fd")
+        nll, nll_from = _pick(c, EVAL_NLL_FULL, EVAL_NLL)
+        fid, fid_from = _pick(c, EVAL_FID, EVAL_DIGITS_FD)
         paper = paper_row(iters, T, schedule, objective)
-        rows.append({
-            "Iters": iters, "T": T, "Schedule": schedule,
-            "Objective": OBJECTIVE_LABELS.get(objective or "", objective),
-            "NLL": nll, "FID": fid,
-            "paper NLL": paper.nll if paper else None, "paper FID": paper.fid if paper else None,
-            "trial": c.get("trial") or c.get("run_name"), "cell": c.get("cell"),
-            "NLL metric": nll_from, "FID metric": fid_from,
-        })  # fmt: skip
+        rows.append(
+            {
+                "Iters": iters,
+                "T": T,
+                "Schedule": schedule,
+                "Objective": OBJECTIVE_LABELS.get(objective or "", objective),
+                "NLL": nll,
+                "FID": fid,
+                "paper NLL": paper.nll if paper else None,
+                "paper FID": paper.fid if paper else None,
+                "trial": c.get("trial") or c.get("run_name"),
+                "cell": c.get("cell"),
+                "NLL metric": nll_from,
+                "FID metric": fid_from,
+            }
+        )
     order = {"linear": 0, "cosine": 1, **{v: i for i, v in enumerate(OBJECTIVE_LABELS.values())}}
-    return sorted(rows, key=lambda r: (
-        r["Iters"] if r["Iters"] is not None else -1, r["T"] or 0,
-        order.get(r["Schedule"], 9), r["Schedule"] or "", order.get(r["Objective"], 9),
-        r["Objective"] or "", r["trial"] or "",
-    ))  # fmt: skip
+
+    def sort_key(r: dict[str, Any]) -> tuple:
+        return (
+            r["Iters"] if r["Iters"] is not None else -1,
+            r["T"] or 0,
+            order.get(r["Schedule"], 9),
+            r["Schedule"] or "",
+            order.get(r["Objective"], 9),
+            r["Objective"] or "",
+            r["trial"] or "",
+        )
+
+    return sorted(rows, key=sort_key)
 
 
 def human_count(n: int | None) -> str:

@@ -23,15 +23,32 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from mlflow import MlflowClient
-from mlflow.entities import Run, ViewType
+from mlflow.entities import Run
 
-from orchestrator.tracking import PARENT_RUN_TAG, resolve_tracking_uri
+from orchestrator.names import (
+    BUDGET_TAG,
+    CELLS_TAG,
+    COMPUTE_FLOPS,
+    COMPUTE_IMAGES,
+    MLFLOW_TAG_PREFIX,
+    PARENT_RUN_TAG,
+    ROLE_SWEEP,
+    ROLE_TAG,
+    SIZE_TAG,
+    TRIAL_TAG,
+)
+from orchestrator.tracking import (
+    RUN_PAGE_SIZE,
+    experiment_names,
+    find_experiment,
+    resolve_tracking_uri,
+    search_runs,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "BASE_COLUMNS",
-    "ROLE_TAG",
     "QueryError",
     "cell_rows",
     "experiment_id",
@@ -42,8 +59,6 @@ __all__ = [
 ]
 
 BASE_COLUMNS = ("run_id", "run_name", "status", "parent_run_id")
-ROLE_TAG = "diffscale.role"
-RUN_PAGE_SIZE = 1000  # mlflow.store.tracking.SEARCH_MAX_RESULTS_DEFAULT
 _RUN_COLUMNS = (*BASE_COLUMNS, "step")
 
 
@@ -75,40 +90,15 @@ def _matches(run: Run, params: Mapping[str, str], tags: Mapping[str, str]) -> bo
 
 def experiment_id(client: MlflowClient, experiment: str) -> str:
     """The id of an active experiment; QueryError listing the existing names otherwise."""
-    exp = client.get_experiment_by_name(experiment)
+    exp = find_experiment(client, experiment)
     if exp is not None and exp.lifecycle_stage != "deleted":
         return exp.experiment_id
-    names, token = [], None
-    while True:
-        page = client.search_experiments(max_results=RUN_PAGE_SIZE, page_token=token)
-        names += [e.name for e in page]
-        token = page.token
-        if not token:
-            break
-    listing = ", ".join(repr(n) for n in sorted(names)) or "none"
+    listing = ", ".join(repr(n) for n in experiment_names(client)) or "none"
     state = "is deleted" if exp is not None else "does not exist"
     raise QueryError(
         f"MLflow experiment {experiment!r} {state} at {client.tracking_uri}; "
         f"existing experiments: {listing}"
     )
-
-
-def _search(client: MlflowClient, exp_id: str, filter_string: str, page_size: int) -> list[Run]:
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            [exp_id],
-            filter_string,
-            run_view_type=ViewType.ACTIVE_ONLY,
-            max_results=page_size,
-            order_by=["attributes.start_time ASC"],
-            page_token=token,
-        )
-        runs += page
-        token = page.token
-        if not token:
-            return runs
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -173,12 +163,12 @@ def load_runs(
     exp_id = experiment_id(client, experiment)
     runs = [
         run
-        for run in _search(client, exp_id, _filter_string(params, tags), page_size)
+        for run in search_runs(client, exp_id, _filter_string(params, tags), page_size)
         if _matches(run, params, tags)
-        and (include_parent or run.data.tags.get(ROLE_TAG) != "sweep")
+        and (include_parent or run.data.tags.get(ROLE_TAG) != ROLE_SWEEP)
     ]
     log.info("experiment %r at %s: %d runs", experiment, uri, len(runs))
-    tag_keys = sorted({k for r in runs for k in r.data.tags if not k.startswith("mlflow.")})
+    tag_keys = sorted({k for r in runs for k in r.data.tags if not k.startswith(MLFLOW_TAG_PREFIX)})
     param_keys = sorted({k for r in runs for k in r.data.params})
     metric_keys = _metric_keys(runs, metrics)
     strings: dict[str, list[str | None]] = {
@@ -291,7 +281,7 @@ def cell_rows(
             f"metric column(s) {', '.join(map(repr, missing))} not in the table; "
             f"available: {', '.join(available) or 'none'}"
         )
-    for extra in ("compute/flops", "compute/images"):
+    for extra in (COMPUTE_FLOPS, COMPUTE_IMAGES):
         if extra in available and extra not in wanted:
             wanted.append(extra)
     string_cols = [f.name for f in table.schema if pa.types.is_string(f.type)]
@@ -314,13 +304,13 @@ def cell_rows(
             m: (sub.column(m).fill_null(np.nan).to_numpy(), sub.column(m).is_valid().to_numpy())
             for m in wanted
         }
-        for cell in _cells_of(run_id, first.get("tags.cells"), final):
+        for cell in _cells_of(run_id, first.get(f"tags.{CELLS_TAG}"), final):
             for name in string_cols:
                 out[name].append(first[name])
-            out["trial"].append(first.get("tags.trial"))
-            out["size"].append(first.get("tags.size"))
+            out["trial"].append(first.get(f"tags.{TRIAL_TAG}"))
+            out["size"].append(first.get(f"tags.{SIZE_TAG}"))
             out["cell"].append(cell["cell"])
-            out["budget"].append(cell["budget"] or first.get("tags.budget"))
+            out["budget"].append(cell["budget"] or first.get(f"tags.{BUDGET_TAG}"))
             out["step"].append(cell["step"])
             for m, (vals, valid) in series.items():
                 if cell["step"] is None:

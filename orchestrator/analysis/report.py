@@ -21,8 +21,9 @@ from matplotlib.ticker import FuncFormatter
 from mlflow import MlflowClient
 from tabulate import tabulate
 
-from orchestrator.analysis.query import ROLE_TAG, QueryError, experiment_id
-from orchestrator.tracking import resolve_tracking_uri
+from orchestrator.analysis.query import QueryError, experiment_id
+from orchestrator.names import ROLE_SWEEP, ROLE_TAG, SAMPLING_PREFIX, TRIAL_TAG
+from orchestrator.tracking import resolve_tracking_uri, sweep_parent_run_id
 
 if TYPE_CHECKING:
     from orchestrator.analysis.fit import FitResult
@@ -43,7 +44,9 @@ __all__ = [
 
 ARTIFACT_DIR = "analysis"
 # sampling/<fd>/<method>/<steps>, logged once at a trial's final step
-SAMPLING_PATTERN = re.compile(r"^sampling/(?P<fd>[^/]+)/(?P<method>[^/]+)/(?P<steps>\d+)$")
+SAMPLING_PATTERN = re.compile(
+    rf"^{re.escape(SAMPLING_PREFIX)}(?P<fd>[^/]+)/(?P<method>[^/]+)/(?P<steps>\d+)$"
+)
 _DPI = 120
 
 
@@ -125,8 +128,9 @@ def _trend(ax: Any, fit: FitResult, lo: float, hi: float, label: str) -> None:
     if not any(np.isfinite(v).all() for v in fit.intervals.values()):
         return  # the fitter judged its bootstrap unusable (see fit.warnings)
     band_lo, band_hi = fit.predict_interval(grid)
-    ax.fill_between(grid, band_lo, band_hi, color="black", alpha=0.15, lw=0,
-                    label=f"{100 * fit.level:g}% band")  # fmt: skip
+    ax.fill_between(
+        grid, band_lo, band_hi, color="black", alpha=0.15, lw=0, label=f"{100 * fit.level:g}% band"
+    )
 
 
 def _fit_label(fit: FitResult) -> str:
@@ -208,7 +212,8 @@ def sampling_curves(table: pa.Table) -> dict[tuple[str, str, str], tuple[np.ndar
     only the ``fid`` kind when a run has it, else the other kinds (e.g. ``digits_fd``)."""
     cols = [(c, SAMPLING_PATTERN.match(c)) for c in table.column_names]
     cols = [(c, m) for c, m in cols if m]
-    label_col = "tags.trial" if "tags.trial" in table.column_names else "run_name"
+    trial_col = f"tags.{TRIAL_TAG}"
+    label_col = trial_col if trial_col in table.column_names else "run_name"
     curves: dict[tuple[str, str, str], dict[int, float]] = {}
     for run in table.to_pylist():  # rows in step order: later values overwrite earlier ones
         for c, m in cols:
@@ -247,19 +252,15 @@ def plot_sampling_steps(
 
 
 def parent_run_id(client: MlflowClient, experiment: str) -> str:
-    """The sweep's parent run: tagged diffscale.role=sweep (the one named after the sweep,
-    else the newest, if there are several). QueryError if there is none."""
-    exp_id = experiment_id(client, experiment)
-    runs = client.search_runs(
-        [exp_id], f"tags.`{ROLE_TAG}` = 'sweep'", order_by=["attributes.start_time DESC"]
-    )
-    if not runs:
+    """The sweep's parent run (see :func:`orchestrator.tracking.sweep_parent_run_id`);
+    QueryError if there is none."""
+    run_id = sweep_parent_run_id(client, experiment_id(client, experiment), experiment)
+    if run_id is None:
         raise QueryError(
-            f"experiment {experiment!r} has no sweep parent run (tag {ROLE_TAG}=sweep) "
+            f"experiment {experiment!r} has no sweep parent run (tag {ROLE_TAG}={ROLE_SWEEP}) "
             "to log the analysis to"
         )
-    named = [r for r in runs if r.info.run_name == experiment]
-    return (named or runs)[0].info.run_id
+    return run_id
 
 
 def log_report(

@@ -1,4 +1,5 @@
-"""Shared helpers for the diffusion tests: small float64 processes and analytic models."""
+"""Shared helpers for the diffusion tests: small float64 processes, analytic models and
+random pixel images."""
 
 import torch
 
@@ -44,3 +45,10 @@ def oracle_eps_model(base: GaussianDiffusion, x0: torch.Tensor, learn_sigma: boo
         return torch.cat([eps, torch.zeros_like(eps)], 1) if learn_sigma else eps
 
     return model
+
+
+def images(n=4, c=3, hw=8, seed=0):
+    """Random uint8 pixels in the model range as float64 [n, c, hw, hw], and the generator."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(0, 256, (n, c, hw, hw), generator=g)
+    return (k.double() / 127.5 - 1.0), g

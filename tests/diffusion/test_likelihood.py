@@ -1,69 +1,15 @@
-import math
+"""diffusion.likelihood: every bits/dim path (full bound, batched, stratified subset)."""
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from diffusion.likelihood import (
-    approx_standard_normal_cdf,
-    calc_bpd,
-    discretized_gaussian_log_likelihood,
-    normal_kl,
-)
+from diffusion.config import DiffusionConfig
+from diffusion.data import load_digits_uint8
+from diffusion.images import to_model_range
+from diffusion.likelihood import calc_bpd, evaluate_nll, stratified_timesteps
+from diffusion.unet import build_model
 
 from .helpers import ConvModel, make_diffusion
-
-BIN_CENTERS = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0
-
-
-@settings(max_examples=100, deadline=None)
-@given(m1=st.floats(-5, 5), m2=st.floats(-5, 5), lv1=st.floats(-8, 3), lv2=st.floats(-8, 3))
-def test_normal_kl_matches_torch_distributions_and_is_nonnegative(m1, m2, lv1, lv2):
-    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    ours = normal_kl(t(m1), t(lv1), t(m2), t(lv2))
-    p = torch.distributions.Normal(t(m1), t(lv1).mul(0.5).exp())
-    q = torch.distributions.Normal(t(m2), t(lv2).mul(0.5).exp())
-    ref = torch.distributions.kl_divergence(p, q)
-    assert ours >= -1e-12
-    assert math.isclose(float(ours), float(ref), rel_tol=1e-9, abs_tol=1e-12)
-
-
-def test_normal_kl_zero_for_equal_gaussians_and_broadcasts_scalars():
-    g = torch.Generator().manual_seed(0)
-    m = torch.randn(3, 4, dtype=torch.float64, generator=g)
-    lv = torch.randn(3, 4, dtype=torch.float64, generator=g)
-    assert normal_kl(m, lv, m, lv).abs().max() < 1e-15  # zero up to float64 rounding
-    assert normal_kl(m, lv, 0.0, 0.0).shape == (3, 4)
-    with pytest.raises(TypeError):
-        normal_kl(0.0, 0.0, 0.0, 0.0)
-
-
-def test_approx_cdf_is_close_to_the_exact_normal_cdf():
-    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
-    exact = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
-    assert (approx_standard_normal_cdf(x) - exact).abs().max() < 2e-4
-
-
-@pytest.mark.parametrize("mean", [-1.0, -0.3, 0.0, 0.55, 1.0, 2.5])
-@pytest.mark.parametrize("log_scale", [-6.0, -3.0, -1.0, 0.5])
-def test_decoder_probabilities_sum_to_one_over_the_256_bins(mean, log_scale):
-    x = BIN_CENTERS
-    logp = discretized_gaussian_log_likelihood(
-        x, means=torch.full_like(x, mean), log_scales=torch.full_like(x, log_scale)
-    )
-    assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
-
-
-def test_decoder_sharp_gaussian_puts_its_mass_on_its_bin():
-    x = BIN_CENTERS
-    logp = discretized_gaussian_log_likelihood(
-        x, means=torch.full_like(x, x[100].item()), log_scales=torch.full_like(x, -8.0)
-    )
-    assert logp[100].exp() == pytest.approx(1.0, abs=1e-9)
-    assert logp[99] == pytest.approx(math.log(1e-12))  # clamped, never -inf
-    with pytest.raises(ValueError, match="one shape"):
-        discretized_gaussian_log_likelihood(x, means=x[:3], log_scales=x)
 
 
 @pytest.mark.parametrize("per_batch", [1, 3, 7, 16, 40])
@@ -80,9 +26,9 @@ def test_batched_bits_per_dim_equals_the_one_t_at_a_time_loop(per_batch, clip):
     fast = calc_bpd(d, model, x0, clip_denoised=clip, timesteps_per_batch=per_batch)
     torch.testing.assert_close(fast.total_bpd, loop["total_bpd"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast.prior_bpd, loop["prior_bpd"])
-    # the loop keeps the reference's reversed column order (column 0 is t = T-1)
+    # both order their columns by timestep (column t = L_t)
     for key in ("vb", "xstart_mse", "mse"):
-        torch.testing.assert_close(fast[key], loop[key].flip(1), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fast[key], loop[key], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast.total_bpd, fast.vb.sum(1) + fast.prior_bpd)
 
 
@@ -119,3 +65,59 @@ def test_exact_posterior_model_pays_only_decoder_and_prior():
     assert res.vb[:, 1:].abs().max() < 1e-9
     assert res.total_bpd.item() == pytest.approx((res.vb[:, 0] + res.prior_bpd).item())
     assert res.vb[0, 0] > 0
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = build_model("digits-xs").eval()
+    with torch.no_grad():  # move off the zero-initialised output so every term matters
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    diffusion = DiffusionConfig(num_timesteps=100).build()
+    images = to_model_range(load_digits_uint8("test")[0][:48])
+    return model, diffusion, images
+
+
+def test_stratified_timesteps_cover_each_stratum():
+    t, sizes = stratified_timesteps(10, 3, 500, generator=torch.Generator().manual_seed(0))
+    # edges floor(11^(i/3)) - 1 = 0, 1, 3, 10: strata [0], [1, 2], [3, 10)
+    assert sizes.tolist() == [1.0, 2.0, 7.0] and t.shape == (500, 3)
+    assert set(t[:, 0].tolist()) == {0} and set(t[:, 1].tolist()) == {1, 2}
+    assert set(t[:, 2].tolist()) == set(range(3, 10))
+    for T, k in [(1000, 50), (4000, 100), (100, 99), (7, 3)]:
+        t, sizes = stratified_timesteps(T, k, 200, generator=torch.Generator().manual_seed(1))
+        assert sizes.sum() == T and (sizes >= 1).all()
+        edges = torch.cat([torch.zeros(1), sizes.cumsum(0)])
+        assert ((t >= edges[:-1]) & (t < edges[1:])).all()  # every draw in its stratum
+    all_t, _ = stratified_timesteps(7, 7, 2)
+    assert all_t.tolist() == [list(range(7))] * 2
+    with pytest.raises(ValueError, match="timesteps_per_image"):
+        stratified_timesteps(10, 11, 1)
+
+
+def test_subset_estimate_agrees_with_the_full_bound_within_its_standard_error(setup):
+    model, diffusion, images = setup
+    batches = list(images.split(16))
+    full = evaluate_nll(diffusion, model, batches, kind="full", timesteps_per_batch=25)
+    assert full.kind == "full" and full.terms_per_image == 100 and full.num_images == 48
+    assert "full bound" in full.describe()
+    for seed in (1, 2):
+        sub = evaluate_nll(
+            diffusion, model, batches, kind="subset", timesteps_per_image=10, seed=seed
+        )
+        assert sub.kind == "subset" and sub.terms_per_image == 10
+        assert "unbiased estimate" in sub.describe()
+        assert abs(sub.bpd - full.bpd) < 3 * sub.stderr, (sub, full)
+    again = evaluate_nll(diffusion, model, batches, kind="subset", timesteps_per_image=10, seed=1)
+    assert again == evaluate_nll(
+        diffusion, model, batches, kind="subset", timesteps_per_image=10, seed=1
+    )
+
+
+def test_evaluate_nll_validates(setup):
+    model, diffusion, images = setup
+    with pytest.raises(ValueError, match="kind"):
+        evaluate_nll(diffusion, model, [images[:2]], kind="approx")
+    with pytest.raises(ValueError, match="no images"):
+        evaluate_nll(diffusion, model, [], kind="full")

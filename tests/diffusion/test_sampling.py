@@ -1,15 +1,11 @@
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from diffusion.sampling import (
     ddim_sample_loop,
-    image_grid,
     p_sample,
     p_sample_loop,
     sample,
-    save_image_grid,
 )
 
 from .helpers import ConvModel, make_diffusion, oracle_eps_model
@@ -114,20 +110,6 @@ def test_sample_validates_method_and_shape():
         sample(d, ConvModel(), SHAPE, method="euler")
     with pytest.raises(ValueError, match="noise"):
         p_sample_loop(d, ConvModel(), SHAPE, noise=torch.zeros(1, 3, 4, 4), dtype=torch.float64)
-
-
-def test_image_grid_and_png(tmp_path):
-    imgs = torch.stack([torch.full((1, 8, 8), v) for v in (-1.0, 0.0, 1.0, 2.0, -5.0)])
-    grid = image_grid(imgs, nrow=3, padding=1)
-    assert grid.shape == (2 * 9 + 1, 3 * 9 + 1, 1) and grid.dtype == np.uint8
-    assert grid[1, 1, 0] == 0 and grid[1, 10, 0] == 128 and grid[1, 19, 0] == 255
-    assert grid[10, 10, 0] == 0  # values outside [-1, 1] are clipped
-    path = save_image_grid(imgs, tmp_path / "sub" / "grid.png", nrow=3, scale=4)
-    with Image.open(path) as im:
-        assert im.size == (4 * 28, 4 * 19) and im.mode == "L"
-    rgb = save_image_grid(torch.zeros(4, 3, 5, 5), tmp_path / "rgb.png")
-    with Image.open(rgb) as im:
-        assert im.mode == "RGB" and im.size == (13, 13)
 
 
 def test_diffusion_methods_match_the_module_functions():

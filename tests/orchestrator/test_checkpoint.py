@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from diffusion.gaussian import DiffusionConfig
+from diffusion.config import DiffusionConfig
 from diffusion.unet import build_model, get_model_config
 from orchestrator.checkpoint import (
     CheckpointError,
@@ -18,10 +18,13 @@ def make(tmp_path, name="ckpt"):
     cfg = get_model_config("digits-xs")
     model = build_model(cfg)
     ema = build_model(cfg)
-    meta = {"model": cfg.to_dict(), "diffusion": DiffusionConfig(num_timesteps=50).to_dict(),
-            "step": 7}  # fmt: skip
-    path = save_checkpoint(tmp_path / name, {"model": model.state_dict(),
-                                             "ema": ema.state_dict()}, meta)  # fmt: skip
+    meta = {
+        "model": cfg.to_dict(),
+        "diffusion": DiffusionConfig(num_timesteps=50).to_dict(),
+        "step": 7,
+    }
+    tensors = {"model": model.state_dict(), "ema": ema.state_dict()}
+    path = save_checkpoint(tmp_path / name, tensors, meta)
     return path, model
 
 

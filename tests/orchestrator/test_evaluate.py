@@ -1,14 +1,26 @@
+"""orchestrator.evaluate: ``diffscale eval`` on a checkpoint, the real images, and a trial's
+end-of-training sampling study (``eval.sampling``), without Ray."""
+
 import json
 
 import pytest
 import torch
 from PIL import Image
 
-from diffusion.gaussian import DiffusionConfig
-from diffusion.unet import build_model, get_model_config
+from diffusion.config import DiffusionConfig
+from diffusion.data import load_digits_uint8, prepare_dataset, to_model_range
+from diffusion.metrics import feature_statistics, get_feature_extractor
+from diffusion.unet import UNet, build_model, get_model_config
 from orchestrator.checkpoint import save_checkpoint
 from orchestrator.cli import main
-from orchestrator.evaluate import EvalOptions, evaluate_checkpoint
+from orchestrator.config import TrialConfig, parse_sampler
+from orchestrator.evaluate import (
+    EvalOptions,
+    evaluate_checkpoint,
+    evaluate_trial,
+    load_real_images,
+    sampling_study,
+)
 
 
 @pytest.fixture
@@ -21,14 +33,18 @@ def checkpoint(tmp_path, monkeypatch):
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     state = model.state_dict()
-    meta = {"model": cfg.to_dict(), "diffusion": DiffusionConfig(num_timesteps=50).to_dict(),
-            "step": 3}  # fmt: skip
+    meta = {
+        "model": cfg.to_dict(),
+        "diffusion": DiffusionConfig(num_timesteps=50).to_dict(),
+        "step": 3,
+    }
     return save_checkpoint(tmp_path / "ckpt", {"model": state, "ema": state}, meta)
 
 
 def test_evaluate_checkpoint_on_digits(checkpoint, tmp_path):
-    options = EvalOptions(num_images=40, num_samples=40, nll_timesteps=5, sample_steps="10",
-                          batch_size=20)  # fmt: skip
+    options = EvalOptions(
+        num_images=40, num_samples=40, nll_timesteps=5, sample_steps="10", batch_size=20
+    )
     result = evaluate_checkpoint(checkpoint, options, tmp_path / "eval")
     assert result["nll_kind"].startswith("unbiased estimate from 5 of T=50")
     assert result["nll_bpd"] > 0 and result["nll_stderr"] > 0
@@ -40,9 +56,12 @@ def test_evaluate_checkpoint_on_digits(checkpoint, tmp_path):
 
 
 def test_eval_cli_prints_a_table_or_json(checkpoint, tmp_path, capsys):
-    args = ["eval", str(checkpoint), "--num-images", "24", "--num-samples", "24",
-            "--nll", "subset", "--nll-timesteps", "3", "--sample-steps", "5",
-            "--out", str(tmp_path / "e")]  # fmt: skip
+    args = [
+        *("eval", str(checkpoint)),
+        *("--num-images", "24", "--num-samples", "24"),
+        *("--nll", "subset", "--nll-timesteps", "3", "--sample-steps", "5"),
+        *("--out", str(tmp_path / "e")),
+    ]
     assert main([*args, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert set(doc) >= {"nll_bpd", "digits_fd", "precision", "recall", "samples_png"}
@@ -59,9 +78,6 @@ def test_eval_options_are_validated():
 
 
 def test_real_images_come_from_prepared_shards_too(tmp_path):
-    from diffusion.data import load_digits_uint8, prepare_dataset
-    from orchestrator.evaluate import load_real_images
-
     uri = str(tmp_path / "digits-shards")
     prepare_dataset("digits", uri, shard_size=100)
     images = load_real_images(uri, "test", limit=150)  # spans two shards, stops early
@@ -70,3 +86,100 @@ def test_real_images_come_from_prepared_shards_too(tmp_path):
     assert all(im.tobytes() in test_set for im in images)  # the test split, shuffled or not
     with pytest.raises(ValueError, match="no split 'val'"):
         load_real_images(uri, "val", limit=5)
+
+
+# ---------------------------------------------------------------- the sampling study
+@pytest.mark.parametrize(
+    ("item", "parsed"),
+    [
+        ("100", ("ancestral", "100", None)),
+        ("ddim50", ("ddim", "ddim50", None)),
+        ("10,15", ("ancestral", "10,15", None)),
+        ("25@fixed_large", ("ancestral", "25", "fixed_large")),
+    ],
+)
+def test_sampler_specs_parse(item, parsed):
+    assert parse_sampler(item) == parsed
+
+
+@pytest.mark.parametrize("item", ["", "ddim", "50@learned", "ddim50@fixed_small", "fifty"])
+def test_bad_sampler_specs_are_refused(item):
+    with pytest.raises(ValueError, match=r"expected|must be one of"):
+        parse_sampler(item)
+
+
+def test_learned_sigma_cannot_borrow_a_fixed_variance():
+    with pytest.raises(ValueError, match="needs a fixed variance"):
+        TrialConfig.from_dict(
+            {
+                "name": "t",
+                "diffusion": {"var_type": "learned_range"},
+                "eval": {"sampling": ["10@fixed_large"]},
+            }
+        )
+
+
+def study_config(**eval_changes) -> TrialConfig:
+    return TrialConfig.from_dict(
+        {
+            "name": "s",
+            "diffusion": {"num_timesteps": 20, "objective": "simple", "var_type": "fixed_small"},
+            "eval": {
+                "fid_samples": 8,
+                "nll_images": 16,
+                "nll_timesteps": 5,
+                "sample_steps": "5",
+                "sampling": ["5", "ddim5", "5@fixed_large", "20"],
+                **eval_changes,
+            },
+        }
+    )
+
+
+def test_sampling_study_logs_fd_per_method_and_step_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = study_config()
+    torch.manual_seed(0)
+    model = UNet(cfg.model_config()).eval()
+    real_x = to_model_range(load_real_images("digits", "test", 16))
+    extractor = get_feature_extractor("digits")
+    out = sampling_study(
+        cfg.diffusion,
+        model,
+        samplers=cfg.eval.sampling,
+        num_samples=cfg.eval.fid_samples,
+        seed=cfg.train.seed,
+        image_shape=real_x.shape[1:],
+        extractor=extractor,
+        real_stats=feature_statistics(extractor(real_x)),
+        device=torch.device("cpu"),
+    )
+    assert sorted(out) == [
+        "sampling/digits_fd/ancestral/20",
+        "sampling/digits_fd/ancestral/5",
+        "sampling/digits_fd/ancestral_fixed_large/5",
+        "sampling/digits_fd/ddim/5",
+    ]
+    assert all(v > 0 for v in out.values())
+    assert len(set(out.values())) == 4  # four different samplers, four different distances
+
+
+def test_a_trial_eval_point_names_its_metrics_and_keeps_its_grid(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = study_config(grid_samples=12, full_nll_at_end=True)
+    torch.manual_seed(0)
+    model = UNet(cfg.model_config()).eval()
+    diffusion, cpu = cfg.diffusion.build(), torch.device("cpu")
+    middle = evaluate_trial(cfg, diffusion, model, cpu, step=7, final=False)
+    end = evaluate_trial(cfg, diffusion, model, cpu, step=7, final=True)
+    point = {"eval/nll_bpd", "eval/nll_stderr", "eval/digits_fd", "eval/precision", "eval/recall"}
+    assert set(middle.metrics) == point
+    study = {k for k in end.metrics if k.startswith("sampling/")}
+    assert set(end.metrics) == point | {"eval/nll_bpd_full"} | study and len(study) == 4
+    assert end.metrics["eval/nll_bpd_full"] == end.metrics["eval/nll_bpd"]
+    assert end.metrics["eval/digits_fd"] == middle.metrics["eval/digits_fd"]  # same seed, step
+    assert middle.grid.shape == (12, 1, 8, 8) and torch.equal(middle.grid, end.grid)
+    no_grid = evaluate_trial(
+        study_config(grid_samples=0), diffusion, model, cpu, step=1, final=False
+    )
+    assert no_grid.grid is None

@@ -9,6 +9,16 @@ from collections.abc import Mapping
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from orchestrator.names import (
+    BUDGET_TAG,
+    ROLE_SWEEP,
+    ROLE_TAG,
+    ROLE_TRIAL,
+    SIZE_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+)
+
 BATCH = 1000  # MLflow's most metrics per log_batch
 
 
@@ -58,17 +68,15 @@ def log_run(
 
 def log_parent(client: MlflowClient, exp_id: str, sweep: str) -> str:
     """The sweep's parent run (tag diffscale.role=sweep), left RUNNING like a live sweep."""
-    run = client.create_run(
-        exp_id, run_name=sweep, tags={"diffscale.role": "sweep", "sweep": sweep}
-    )
+    run = client.create_run(exp_id, run_name=sweep, tags={ROLE_TAG: ROLE_SWEEP, SWEEP_TAG: sweep})
     return run.info.run_id
 
 
 def trial_tags(sweep: str, trial: str, size: str, budget: str) -> dict[str, str]:
     return {
-        "diffscale.role": "trial",
-        "sweep": sweep,
-        "trial": trial,
-        "size": size,
-        "budget": budget,
+        ROLE_TAG: ROLE_TRIAL,
+        SWEEP_TAG: sweep,
+        TRIAL_TAG: trial,
+        SIZE_TAG: size,
+        BUDGET_TAG: budget,
     }

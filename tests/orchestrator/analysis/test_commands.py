@@ -42,7 +42,9 @@ def _scaling_sweep(uri: str, artifacts: Path) -> str:
         nll = _law(compute) + 0.3 * np.log10(np.maximum(compute / cap, 1.0)) ** 2
         final = int(steps[-1])
         log_run(
-            client, exp_id, f"{sweep}-{size}",
+            client,
+            exp_id,
+            f"{sweep}-{size}",
             tags=trial_tags(sweep, f"t-{size}", size, f"flops={compute[-1]:.3g}"),
             parent=parent,
             params={"model.name": size, "model.params": int(n), "model.flops_per_image": fpi},
@@ -54,7 +56,7 @@ def _scaling_sweep(uri: str, artifacts: Path) -> str:
                 "sampling/digits_fd/ancestral/50": {final: 2.0},
                 "sampling/digits_fd/ancestral/100": {final: 1.5},
             },
-        )  # fmt: skip
+        )
     return sweep
 
 
@@ -73,8 +75,21 @@ def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
 
 def test_fit_sweep_json_recovers_the_frontier_law(uri, tmp_path, capsys) -> None:
     sweep = _scaling_sweep(uri, tmp_path / "artifacts")
-    doc = _json(capsys, ["fit", sweep, "--metric", "eval/nll_bpd", "--json", "--bootstrap", "40",
-                         "--predict", "1e18", "1e19"])  # fmt: skip
+    doc = _json(
+        capsys,
+        [
+            "fit",
+            sweep,
+            "--metric",
+            "eval/nll_bpd",
+            "--json",
+            "--bootstrap",
+            "40",
+            "--predict",
+            "1e18",
+            "1e19",
+        ],
+    )
     assert doc["form"] == "henighan" and doc["metric"] == "eval/nll_bpd" and doc["converged"]
     assert doc["L_inf"] == pytest.approx(L_INF, rel=1e-3)
     assert doc["C0"] == pytest.approx(C0, rel=2e-2)
@@ -95,8 +110,20 @@ def test_fit_sweep_json_recovers_the_frontier_law(uri, tmp_path, capsys) -> None
     assert listed == {f"analysis/{n}" for n in (*names, "fit.json")}
 
     # all points, not the frontier: the saturated tails no longer fit the law
-    off = _json(capsys, ["fit", sweep, "--no-frontier", "--json", "--no-log",
-                         "--bootstrap", "0", "--out", str(tmp_path / "o2")])  # fmt: skip
+    off = _json(
+        capsys,
+        [
+            "fit",
+            sweep,
+            "--no-frontier",
+            "--json",
+            "--no-log",
+            "--bootstrap",
+            "0",
+            "--out",
+            str(tmp_path / "o2"),
+        ],
+    )
     assert off["n_points"] > doc["n_points"] and off["logged_to_run"] is None
     assert off["loss"] > 10 * doc["loss"] and off["r2_log"] < doc["r2_log"]
 
@@ -130,8 +157,25 @@ def test_fit_table_chinchilla_and_power(tmp_path, capsys, monkeypatch) -> None:
     loss = (E + A / n**a + B / d**b) * np.exp(rng.normal(0, 0.002, n.size))
     lines = ["N,D,L,C"] + [f"{x},{y},{z},{6 * x * y}" for x, y, z in zip(n, d, loss, strict=True)]
     (tmp_path / "synth.csv").write_text("\n".join(lines) + "\n")
-    argv = ["fit", "--table", "synth.csv", "--form", "chinchilla", "--n", "N", "--d", "D",
-            "--loss", "L", "--bootstrap", "8", "--json", "--predict", "1e9", "1e11"]  # fmt: skip
+    argv = [
+        "fit",
+        "--table",
+        "synth.csv",
+        "--form",
+        "chinchilla",
+        "--n",
+        "N",
+        "--d",
+        "D",
+        "--loss",
+        "L",
+        "--bootstrap",
+        "8",
+        "--json",
+        "--predict",
+        "1e9",
+        "1e11",
+    ]
     doc = _json(capsys, argv)
     assert doc["form"] == "chinchilla" and doc["n_points"] == n.size
     assert doc["E"] == pytest.approx(E, rel=0.05)
@@ -147,8 +191,24 @@ def test_fit_table_chinchilla_and_power(tmp_path, capsys, monkeypatch) -> None:
     assert main(["fit", "--table", "nope.csv", "--x", "C", "--y", "L"]) == 2
     assert "nope.csv" in capsys.readouterr().err
 
-    assert main(["fit", "--table", "synth.csv", "--form", "power", "--x", "C", "--y", "L",
-                 "--bootstrap", "10"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "fit",
+                "--table",
+                "synth.csv",
+                "--form",
+                "power",
+                "--x",
+                "C",
+                "--y",
+                "L",
+                "--bootstrap",
+                "10",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "C0" in out and "alpha" in out
     assert (tmp_path / "outputs" / "analysis" / "synth" / "fit.png").is_file()
@@ -164,31 +224,70 @@ def _ablation_sweep(uri: str, artifacts: Path) -> str:
 
     def trial(name, T, schedule, objective, metrics, cells):
         log_run(
-            client, exp_id, name, tags=trial_tags(sweep, name, "in64", "steps"), parent=parent,
-            params={"diffusion.num_timesteps": T, "diffusion.schedule": schedule,
-                    "diffusion.objective": objective, "budget.steps": cells[-1]["step"]},
-            metrics=metrics, cells=cells,
-        )  # fmt: skip
+            client,
+            exp_id,
+            name,
+            tags=trial_tags(sweep, name, "in64", "steps"),
+            parent=parent,
+            params={
+                "diffusion.num_timesteps": T,
+                "diffusion.schedule": schedule,
+                "diffusion.objective": objective,
+                "budget.steps": cells[-1]["step"],
+            },
+            metrics=metrics,
+            cells=cells,
+        )
 
     k2, m15 = 200_000, 1_500_000
-    trial("cos-hyb", 4000, "cosine", "hybrid",
-          {"eval/nll_bpd": {100_000: 3.9, k2: 3.70, m15: 3.60}, "eval/nll_bpd_full": {m15: 3.58},
-           "eval/fid": {k2: 29.0, m15: 20.0}, "compute/flops": {k2: 1.0, m15: 7.5}},
-          [{"cell": "c00", "budget": "steps=200000", "step": k2},
-           {"cell": "c01", "budget": "steps=1500000", "step": m15}])  # fmt: skip
-    trial("lin-simple", 1000, "linear", "simple",
-          {"eval/nll_bpd": {k2: 4.1}, "eval/digits_fd": {k2: 1.25}},
-          [{"cell": "c02", "budget": "steps=200000", "step": k2}])  # fmt: skip
-    trial("cos-vlb-t500", 500, "cosine", "vlb", {"eval/nll_bpd": {k2: 3.9}},
-          [{"cell": "c03", "budget": "steps=200000", "step": k2}])  # fmt: skip
+    trial(
+        "cos-hyb",
+        4000,
+        "cosine",
+        "hybrid",
+        {
+            "eval/nll_bpd": {100_000: 3.9, k2: 3.70, m15: 3.60},
+            "eval/nll_bpd_full": {m15: 3.58},
+            "eval/fid": {k2: 29.0, m15: 20.0},
+            "compute/flops": {k2: 1.0, m15: 7.5},
+        },
+        [
+            {"cell": "c00", "budget": "steps=200000", "step": k2},
+            {"cell": "c01", "budget": "steps=1500000", "step": m15},
+        ],
+    )
+    trial(
+        "lin-simple",
+        1000,
+        "linear",
+        "simple",
+        {"eval/nll_bpd": {k2: 4.1}, "eval/digits_fd": {k2: 1.25}},
+        [{"cell": "c02", "budget": "steps=200000", "step": k2}],
+    )
+    trial(
+        "cos-vlb-t500",
+        500,
+        "cosine",
+        "vlb",
+        {"eval/nll_bpd": {k2: 3.9}},
+        [{"cell": "c03", "budget": "steps=200000", "step": k2}],
+    )
     return sweep
 
 
 def test_table_reproduces_the_paper_layout(uri, tmp_path, capsys) -> None:
     sweep = _ablation_sweep(uri, tmp_path / "artifacts")
     doc = _json(capsys, ["table", sweep, "--json", "--tracking-uri", uri])
-    assert doc["columns"][:8] == ["Iters", "T", "Schedule", "Objective", "NLL", "FID",
-                                  "paper NLL", "paper FID"]  # fmt: skip
+    assert doc["columns"][:8] == [
+        "Iters",
+        "T",
+        "Schedule",
+        "Objective",
+        "NLL",
+        "FID",
+        "paper NLL",
+        "paper FID",
+    ]
     rows = {(r["trial"], r["Iters"]): r for r in doc["rows"]}
     assert [(r["Iters"], r["T"], r["Schedule"], r["Objective"]) for r in doc["rows"]] == [
         (200_000, 500, "cosine", "L_vlb"),
@@ -210,7 +309,16 @@ def test_table_reproduces_the_paper_layout(uri, tmp_path, capsys) -> None:
     assert main(["table", sweep]) == 0
     lines = capsys.readouterr().out.splitlines()
     row = next(line for line in lines if line.startswith("1.5M"))
-    assert row.split() == ["1.5M", "4K", "cosine", "L_hybrid", "3.580", "20.00", "3.57", "19.2",
-                           "cos-hyb"]  # fmt: skip
+    assert row.split() == [
+        "1.5M",
+        "4K",
+        "cosine",
+        "L_hybrid",
+        "3.580",
+        "20.00",
+        "3.57",
+        "19.2",
+        "cos-hyb",
+    ]
     assert main(["table", "missing-sweep"]) == 2
     assert "'missing-sweep' does not exist" in capsys.readouterr().err

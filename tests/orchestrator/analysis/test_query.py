@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.analysis.query import QueryError, cell_rows, load_runs, to_csv, to_parquet
+from orchestrator.names import ROLE_SWEEP, ROLE_TAG
 
 from .mlflow_data import experiment, log_parent, log_points, log_run, trial_tags
 
@@ -38,22 +39,28 @@ def _sweep(uri: str) -> tuple[str, dict[str, str]]:
     exp_id = experiment(client, sweep)
     parent = log_parent(client, exp_id, sweep)
     a = log_run(
-        client, exp_id, "A",
-        tags=trial_tags(sweep, "A", "s", "steps=4"), parent=parent,
+        client,
+        exp_id,
+        "A",
+        tags=trial_tags(sweep, "A", "s", "steps=4"),
+        parent=parent,
         params={"model.name": "s", "diffusion.schedule": "cosine", "model.params": 100},
         metrics={
             "train/loss": {s: 1.0 / (s + 1) for s in range(5)},
             "eval/nll_bpd": {2: 5.0, 4: 4.5},
             "compute/flops": {2: 2e9, 4: 4e9},
         },
-    )  # fmt: skip
+    )
     b = log_run(
-        client, exp_id, "B",
-        tags=trial_tags(sweep, "B", "m", "steps=5"), parent=parent,
+        client,
+        exp_id,
+        "B",
+        tags=trial_tags(sweep, "B", "m", "steps=5"),
+        parent=parent,
         params={"model.name": "m", "diffusion.schedule": "linear", "model.params": 300},
         metrics={"train/loss": {0: 2.0, 1: 1.5, 2: 1.25}},
         status="FAILED",
-    )  # fmt: skip
+    )
     time.sleep(0.01)  # the resumed session's timestamps are later
     again = MlflowClient(uri)
     again.update_run(b, status="RUNNING")
@@ -95,7 +102,7 @@ def test_rows_steps_nulls_params_tags_and_resume(uri: str) -> None:
     both = load_runs(sweep, tracking_uri=uri, include_parent=True)
     parent_rows = [r for r in both.to_pylist() if r["run_id"] == ids["parent"]]
     assert len(parent_rows) == 1 and parent_rows[0]["step"] is None
-    assert parent_rows[0]["tags.diffscale.role"] == "sweep"
+    assert parent_rows[0][f"tags.{ROLE_TAG}"] == ROLE_SWEEP
     assert parent_rows[0]["train/loss"] is None and parent_rows[0]["params.model.name"] is None
 
 
@@ -141,11 +148,19 @@ def test_cell_rows_read_each_cell_at_its_step(tmp_path: Path) -> None:
     def run(rid, steps, loss, fid, flops, cells):
         n = len(steps)
         return {
-            "run_id": [rid] * n, "run_name": [rid] * n, "status": ["FINISHED"] * n,
-            "parent_run_id": ["p"] * n, "tags.cells": [cells] * n, "tags.size": ["s"] * n,
-            "tags.trial": [rid] * n, "tags.budget": ["flops=1e15"] * n, "step": steps,
-            "eval/nll_bpd": loss, "eval/fid": fid, "compute/flops": flops,
-        }  # fmt: skip
+            "run_id": [rid] * n,
+            "run_name": [rid] * n,
+            "status": ["FINISHED"] * n,
+            "parent_run_id": ["p"] * n,
+            "tags.cells": [cells] * n,
+            "tags.size": ["s"] * n,
+            "tags.trial": [rid] * n,
+            "tags.budget": ["flops=1e15"] * n,
+            "step": steps,
+            "eval/nll_bpd": loss,
+            "eval/fid": fid,
+            "compute/flops": flops,
+        }
 
     cells = json.dumps(
         [
@@ -154,10 +169,16 @@ def test_cell_rows_read_each_cell_at_its_step(tmp_path: Path) -> None:
         ]
     )
     parts = [
-        run("t0", [100, 200, 300, 400], [5.0, 4.0, None, 3.0], [None, 30.0, 25.0, 20.0],
-            [1.0, 2.0, 3.0, 4.0], cells),
+        run(
+            "t0",
+            [100, 200, 300, 400],
+            [5.0, 4.0, None, 3.0],
+            [None, 30.0, 25.0, 20.0],
+            [1.0, 2.0, 3.0, 4.0],
+            cells,
+        ),
         run("t1", [10, 20], [6.0, 5.5], [None, None], [0.1, 0.2], None),
-    ]  # fmt: skip
+    ]
     cols = {k: [v for p in parts for v in p[k]] for k in parts[0]}
     types = {"step": pa.int64(), "eval/nll_bpd": pa.float64(), "eval/fid": pa.float64()}
     types["compute/flops"] = pa.float64()
@@ -177,9 +198,10 @@ def test_cell_rows_read_each_cell_at_its_step(tmp_path: Path) -> None:
     with pytest.raises(QueryError, match="eval/nope"):
         cell_rows(table, ["eval/nope"])
     bad = table.set_column(
-        table.schema.get_field_index("tags.cells"), "tags.cells",
+        table.schema.get_field_index("tags.cells"),
+        "tags.cells",
         pa.array(["[{]"] * table.num_rows, type=pa.string()),
-    )  # fmt: skip
+    )
     with pytest.raises(QueryError, match="tag 'cells'"):
         cell_rows(bad)
 

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from orchestrator.analysis import report
 from orchestrator.analysis.fit import fit_power_law
 from orchestrator.analysis.query import QueryError
+from orchestrator.names import ROLE_TAG, ROLE_TRIAL
 
 from .mlflow_data import experiment, log_parent, log_run
 
@@ -43,37 +44,55 @@ def test_plots_are_valid_pngs(tmp_path: Path) -> None:
     frontier = (np.geomspace(1e12, 1e17, 5), 2.0 + (1e12 / np.geomspace(1e12, 1e17, 5)) ** 0.3)
     _assert_png(
         report.plot_metric_vs_compute(
-            compute, metric, group, tmp_path / "a" / "compute.png",
-            fit=fit, frontier=frontier, metric_name="eval/nll_bpd",
+            compute,
+            metric,
+            group,
+            tmp_path / "a" / "compute.png",
+            fit=fit,
+            frontier=frontier,
+            metric_name="eval/nll_bpd",
         )
-    )  # fmt: skip
+    )
     _assert_png(report.plot_metric_vs_compute(compute, metric, group, tmp_path / "bare.png"))
     _assert_png(
         report.plot_metric_vs_params(
-            np.array([1e6, 3e6, 1e7]), np.array([3.0, 2.7, 2.5]), tmp_path / "params.png",
+            np.array([1e6, 3e6, 1e7]),
+            np.array([3.0, 2.7, 2.5]),
+            tmp_path / "params.png",
             labels=["s", "m", "l"],
         )
-    )  # fmt: skip
+    )
 
-    table = pa.table({
-        "run_id": ["r1", "r1", "r2", "r3"], "run_name": ["a", "a", "b", "c"],
-        "tags.trial": ["t1", "t1", "t2", "t3"], "step": pa.array([5, 10, 10, 10], pa.int64()),
-        "sampling/fid/ancestral/50": [None, 30.0, 20.0, None],
-        "sampling/fid/ancestral/100": [None, 25.0, 18.0, None],
-        "sampling/fid/ddim/50": [None, 28.0, None, None],
-        "sampling/digits_fd/ancestral/50": [None, 1.0, None, 2.0],
-        "eval/fid": [40.0, 35.0, 30.0, None],
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "run_id": ["r1", "r1", "r2", "r3"],
+            "run_name": ["a", "a", "b", "c"],
+            "tags.trial": ["t1", "t1", "t2", "t3"],
+            "step": pa.array([5, 10, 10, 10], pa.int64()),
+            "sampling/fid/ancestral/50": [None, 30.0, 20.0, None],
+            "sampling/fid/ancestral/100": [None, 25.0, 18.0, None],
+            "sampling/fid/ddim/50": [None, 28.0, None, None],
+            "sampling/digits_fd/ancestral/50": [None, 1.0, None, 2.0],
+            "eval/fid": [40.0, 35.0, 30.0, None],
+        }
+    )
     curves = report.sampling_curves(table)
     assert sorted(curves) == [
-        ("t1", "fid", "ancestral"), ("t1", "fid", "ddim"), ("t2", "fid", "ancestral"),
+        ("t1", "fid", "ancestral"),
+        ("t1", "fid", "ddim"),
+        ("t2", "fid", "ancestral"),
         ("t3", "digits_fd", "ancestral"),  # a trial without FID shows its digits FD
-    ]  # fmt: skip
+    ]
     steps, values = curves[("t1", "fid", "ancestral")]
     assert steps.tolist() == [50, 100] and values.tolist() == [30.0, 25.0]
     _assert_png(report.plot_sampling_steps(table, tmp_path / "sampling.png"))
-    assert report.plot_sampling_steps(table.drop_columns(["sampling/fid/ddim/50"]).select(
-        ["run_id", "step", "eval/fid"]), tmp_path / "none.png") is None  # fmt: skip
+    assert (
+        report.plot_sampling_steps(
+            table.drop_columns(["sampling/fid/ddim/50"]).select(["run_id", "step", "eval/fid"]),
+            tmp_path / "none.png",
+        )
+        is None
+    )
     assert not (tmp_path / "none.png").exists()
 
 
@@ -98,7 +117,7 @@ def test_log_report_puts_files_on_the_parent_run(
     client, sweep = MlflowClient(uri), f"rep-{uuid.uuid4().hex[:6]}"
     artifacts = str(tmp_path / "artifacts") if backend == "sqlite" else None
     exp_id = experiment(client, sweep, artifacts)
-    log_run(client, exp_id, "t0", tags={"diffscale.role": "trial"})
+    log_run(client, exp_id, "t0", tags={ROLE_TAG: ROLE_TRIAL})
     with pytest.raises(QueryError, match="no sweep parent run"):
         report.log_report(sweep, uri, [])
     parent = log_parent(client, exp_id, sweep)

@@ -1,0 +1,129 @@
+"""Submit a sweep and resume it: ``submit(prepare("sweeps/demo.yaml"))``, ``resume(name)``.
+
+:func:`prepare` loads, validates and expands the sweep file before any Ray resource is
+taken and finds what its storage holds; :func:`submit` and :func:`resume` check that this
+machine (or the cluster in RAY_ADDRESS) can run it and hand it to the Tune driver
+(:mod:`orchestrator.sweep.driver`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from orchestrator.config import ConfigError, Problem
+from orchestrator.grid import SweepPlan, SweepSpec, load_plan
+from orchestrator.names import SWEEP_RECORD
+from orchestrator.sweep.driver import SubmitResult, run_sweep
+from orchestrator.sweep.store import SweepError, SweepStore, store_for, stored_record
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Prepared", "capacity_problems", "prepare", "resume", "submit"]
+
+
+def capacity_problems(plan: SweepPlan) -> list[Problem]:
+    """Without RAY_ADDRESS the sweep runs on a private local Ray: every trial must fit on
+    this machine, or Tune would wait forever for resources that never come."""
+    if os.environ.get("RAY_ADDRESS"):
+        return []
+    cpus = os.cpu_count() or 1
+    problems = []
+    for t in plan.trials:
+        res = t.config.resources
+        need = res.num_workers * res.cpus_per_worker
+        if need > cpus:
+            msg = (
+                f"{res.num_workers} workers x {res.cpus_per_worker:g} CPUs = {need:g} CPUs, "
+                f"but this machine has {cpus}; lower resources.num_workers or set RAY_ADDRESS "
+                "to a cluster"
+            )
+            problems.append((f"resources ({t.size})", msg))
+        if res.use_gpu:
+            import torch
+
+            if torch.cuda.device_count() < res.num_workers:
+                msg = (
+                    f"{res.num_workers} GPUs needed, {torch.cuda.device_count()} here; set "
+                    "RAY_ADDRESS to a GPU cluster"
+                )
+                problems.append((f"resources.use_gpu ({t.size})", msg))
+    return problems
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated, expanded sweep and what its storage already holds."""
+
+    plan: SweepPlan
+    store: SweepStore
+    record: dict | None  # the stored sweep.json; None for a new sweep
+
+    @property
+    def spec(self) -> SweepSpec:
+        return self.plan.spec
+
+
+def prepare(path: str, overrides: Sequence[str] = (), *, check_data: bool = True) -> Prepared:
+    """Load, validate and expand a sweep file; find its store and what it holds already.
+
+    A sweep of the same name stored with a different definition is an error: resuming it
+    with another grid would mix two studies in one experiment.
+    """
+    plan = load_plan(path, overrides, check_data=check_data)
+    spec = plan.spec
+    store = SweepStore(spec.storage_path, spec.storage_endpoint)
+    record = store.read(SWEEP_RECORD)
+    if record is not None and record["definition"] != spec.to_dict():
+        changed = sorted(k for k, v in spec.to_dict().items() if record["definition"].get(k) != v)
+        raise SweepError(
+            f"sweep {spec.name!r} already exists at {store.uri} with a different definition "
+            f"(differs in: {', '.join(changed)}); give the new study another name, or "
+            f"`diffscale resume {spec.name}` to continue the stored one"
+        )
+    return Prepared(plan, store, record)
+
+
+def submit(
+    prepared: Prepared,
+    *,
+    retry_errored: bool = False,
+    say: Callable[[str], None] = log.info,
+) -> SubmitResult:
+    """Run (or, if it exists with the same definition, continue) a prepared sweep:
+    ``submit(prepare("sweeps/demo.yaml"))``."""
+    spec = prepared.spec
+    if problems := capacity_problems(prepared.plan):
+        raise ConfigError(problems, spec.source)
+    record = prepared.record or {
+        "name": spec.name,
+        "source": spec.source,
+        "text": spec.text,
+        "overrides": list(spec.overrides),
+        "definition": spec.to_dict(),
+        "tracking_uri": spec.tracking_uri,
+        "experiment": spec.experiment,
+        "created": time.time(),
+    }
+    return run_sweep(prepared.plan, prepared.store, record, retry_errored=retry_errored, say=say)
+
+
+def resume(
+    name: str,
+    *,
+    storage_path: str | None = None,
+    endpoint_url: str | None = None,
+    retry_errored: bool = False,
+    say: Callable[[str], None] = log.info,
+) -> SubmitResult:
+    """Continue sweep ``name`` after any interruption: finished trials are kept, the
+    interrupted ones continue from their newest checkpoints, errored ones only if asked."""
+    store = store_for(name, storage_path, endpoint_url)
+    record = stored_record(store)
+    plan = load_plan(record["source"], record["overrides"], text=record["text"])
+    if problems := capacity_problems(plan):
+        raise ConfigError(problems, plan.spec.source)
+    return run_sweep(plan, store, record, retry_errored=retry_errored, say=say)
