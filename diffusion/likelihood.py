@@ -22,12 +22,18 @@ Negative log-likelihood over a dataset:
   sqrt(N), so it covers both the choice of images and of timesteps.
 
 Results always carry their kind, T and the number of terms per image.
+
+Seeding: one generator for a whole run (``seed``), or one per image (``image_seeds``: the
+noise and timesteps of image j's terms come from a generator seeded with (seed, j), see
+:func:`diffusion.sampling.index_generators`), so an image's value does not depend on which
+images share its batch and a dataset split over workers by image index gives the same
+per-image values (:func:`nll_per_image`, then :func:`summarize_nll` over all of them).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,6 +41,7 @@ import torch
 
 from diffusion.gaussian import BpdResult, GaussianDiffusion, Model
 from diffusion.ops import NoiseFn, draw_noise, mean_flat
+from diffusion.sampling import draw_per_index, index_generators
 
 __all__ = [
     "NLL_KINDS",
@@ -43,7 +50,9 @@ __all__ = [
     "calc_bpd",
     "estimate_bpd",
     "evaluate_nll",
+    "nll_per_image",
     "stratified_timesteps",
+    "summarize_nll",
 ]
 
 NLL_KINDS = ("full", "subset")
@@ -136,13 +145,19 @@ class NLLResult:
 
 
 def stratified_timesteps(
-    num_timesteps: int, k: int, n: int, generator: torch.Generator | None = None
+    num_timesteps: int,
+    k: int,
+    n: int,
+    generator: torch.Generator | None = None,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One uniform timestep in each of ``k`` strata of [0, T), for ``n`` images.
 
     Returns (t [n, k] int64, stratum sizes [k] float64). Stratum edges are
     floor((T+1)^(i/k)) - 1, made strictly increasing: single timesteps first, then
-    geometrically wider strata; k = T gives every timestep once.
+    geometrically wider strata; k = T gives every timestep once. The uniform draws come
+    from ``generator``, or row j from ``generators[j]`` (one per image).
     """
     if not 1 <= k <= num_timesteps:
         raise ValueError(f"timesteps_per_image: must be in [1, T={num_timesteps}], got {k}")
@@ -154,7 +169,10 @@ def stratified_timesteps(
         edges[i] = min(edges[i], edges[i + 1] - 1)
     edges = torch.tensor(edges, dtype=torch.int64)
     sizes = edges[1:] - edges[:-1]  # [k], all >= 1 since k <= T
-    u = torch.rand(n, k, generator=generator, dtype=torch.float64)
+    if generators is None:
+        u = torch.rand(n, k, generator=generator, dtype=torch.float64)
+    else:
+        u = torch.stack([torch.rand(k, generator=g, dtype=torch.float64) for g in generators])
     t = edges[:-1] + (u * sizes).floor().to(torch.int64).clamp(max=sizes - 1)  # [n, k]
     return t, sizes.to(torch.float64)
 
@@ -167,22 +185,32 @@ def estimate_bpd(
     *,
     timesteps_per_image: int,
     generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] | None = None,
     clip_denoised: bool = True,
     max_batch: int = 512,
 ) -> torch.Tensor:
     """Unbiased per-image estimates [N] of the full bound in bits/dim (stratified t).
 
     The N * K (image, timestep) pairs are evaluated ``max_batch`` at a time; noise and
-    timesteps come from ``generator`` (CPU), so a seeded estimate is reproducible.
+    timesteps come from ``generator`` (CPU), so a seeded estimate is reproducible, or from
+    ``generators`` (CPU, one per image: its K timesteps, then its K noise draws).
     """
-    n = x_start.shape[0]
+    n, k = x_start.shape[0], timesteps_per_image
+    if generators is not None and len(generators) != n:
+        raise ValueError(f"generators: {len(generators)} for {n} images")
     t, sizes = stratified_timesteps(
-        diffusion.num_timesteps, timesteps_per_image, n, generator=generator
+        diffusion.num_timesteps, k, n, generator=generator, generators=generators
     )
     t = t.reshape(-1).to(x_start.device)  # [N*K], image-major
     weights = sizes.repeat(n).to(x_start.device)  # [N*K]
-    images = x_start.repeat_interleave(timesteps_per_image, dim=0)  # [N*K, C, H, W]
-    noise = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
+    images = x_start.repeat_interleave(k, dim=0)  # [N*K, C, H, W]
+    if generators is None:
+        noise = torch.randn(images.shape, generator=generator, dtype=images.dtype)
+    else:
+        noise = draw_per_index(
+            generators, (k, *x_start.shape[1:]), device="cpu", dtype=images.dtype
+        )
+    noise = noise.reshape(images.shape).to(images.device)
     terms = torch.empty(images.shape[0], dtype=torch.float64, device=x_start.device)
     for lo in range(0, images.shape[0], max_batch):
         sl = slice(lo, lo + max_batch)
@@ -193,7 +221,7 @@ def estimate_bpd(
     return per_image + diffusion.prior_bpd(x_start).to(torch.float64)
 
 
-def evaluate_nll(
+def nll_per_image(
     diffusion: GaussianDiffusion,
     model: Model,
     batches: Iterable[torch.Tensor],
@@ -201,24 +229,33 @@ def evaluate_nll(
     kind: str = "full",
     timesteps_per_image: int = 50,
     seed: int = 0,
+    image_seeds: Sequence[int] | None = None,
     clip_denoised: bool = True,
     device: torch.device | str = "cpu",
     timesteps_per_batch: int = 16,
     progress: Callable[[int], None] | None = None,
-) -> NLLResult:
-    """Bits/dim over every image in ``batches`` ([B, C, H, W] tensors in [-1, 1]).
+) -> np.ndarray:
+    """Bits/dim [N] float64 of every image in ``batches`` ([B, C, H, W] in [-1, 1]).
 
-    ``kind`` is "full" (the paper's number) or "subset" (cheap unbiased estimate with K =
-    ``timesteps_per_image`` terms per image). ``progress(n)`` is called after each batch.
+    Noise from one generator seeded with ``seed``, or, with ``image_seeds`` (the global
+    index j of each image, in order), image j's from its own generator seeded with
+    (seed, j). ``progress(n)`` is called after each batch.
     """
     if kind not in NLL_KINDS:
         raise ValueError(f"kind: got {kind!r}; allowed values: {list(NLL_KINDS)}")
     generator = torch.Generator().manual_seed(seed)
     values: list[np.ndarray] = []
+    done = 0
     for batch in batches:
         x = batch.to(device)
+        gens = None
+        if image_seeds is not None:
+            index = image_seeds[done : done + x.shape[0]]
+            if len(index) != x.shape[0]:
+                raise ValueError(f"image_seeds: {len(image_seeds)} for more images")
+            gens = index_generators((seed,), index)
         if kind == "full":
-            noise_fn = _noise_from(generator, x)
+            noise_fn = _noise_from(generator, x) if gens is None else _noise_per_image(gens, x)
             per_image = calc_bpd(
                 diffusion,
                 model,
@@ -233,29 +270,86 @@ def evaluate_nll(
                 model,
                 x,
                 timesteps_per_image=timesteps_per_image,
-                generator=generator,
+                generator=generator if gens is None else None,
+                generators=gens,
                 clip_denoised=clip_denoised,
             )
         values.append(per_image.double().cpu().numpy())
+        done += x.shape[0]
         if progress is not None:
             progress(x.shape[0])
-    if not values:
+    return np.concatenate(values) if values else np.zeros(0)
+
+
+def summarize_nll(
+    values: np.ndarray, *, kind: str, num_timesteps: int, timesteps_per_image: int
+) -> NLLResult:
+    """Mean bits/dim of per-image ``values`` and its standard error std / sqrt(N)."""
+    if values.size == 0:
         raise ValueError("batches: no images to evaluate")
-    all_values = np.concatenate(values)
-    n = all_values.size
-    stderr = float(all_values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    n = values.size
+    stderr = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
     return NLLResult(
-        bpd=float(all_values.mean()),
+        bpd=float(values.mean()),
         stderr=stderr,
         kind=kind,
         num_images=n,
+        num_timesteps=num_timesteps,
+        terms_per_image=num_timesteps if kind == "full" else timesteps_per_image,
+    )
+
+
+def evaluate_nll(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    batches: Iterable[torch.Tensor],
+    *,
+    kind: str = "full",
+    timesteps_per_image: int = 50,
+    seed: int = 0,
+    image_seeds: Sequence[int] | None = None,
+    clip_denoised: bool = True,
+    device: torch.device | str = "cpu",
+    timesteps_per_batch: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> NLLResult:
+    """Bits/dim over every image in ``batches`` ([B, C, H, W] tensors in [-1, 1]).
+
+    ``kind`` is "full" (the paper's number) or "subset" (cheap unbiased estimate with K =
+    ``timesteps_per_image`` terms per image). Seeding as :func:`nll_per_image`.
+    """
+    values = nll_per_image(
+        diffusion,
+        model,
+        batches,
+        kind=kind,
+        timesteps_per_image=timesteps_per_image,
+        seed=seed,
+        image_seeds=image_seeds,
+        clip_denoised=clip_denoised,
+        device=device,
+        timesteps_per_batch=timesteps_per_batch,
+        progress=progress,
+    )
+    return summarize_nll(
+        values,
+        kind=kind,
         num_timesteps=diffusion.num_timesteps,
-        terms_per_image=diffusion.num_timesteps if kind == "full" else timesteps_per_image,
+        timesteps_per_image=timesteps_per_image,
     )
 
 
 def _noise_from(generator: torch.Generator, like: torch.Tensor) -> NoiseFn:
     def noise_fn(_t: int) -> torch.Tensor:
         return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+
+    return noise_fn
+
+
+def _noise_per_image(generators: Sequence[torch.Generator], like: torch.Tensor) -> NoiseFn:
+    """Timestep t's noise, row j from ``generators[j]`` (drawn t = T-1, ..., 0)."""
+
+    def noise_fn(_t: int) -> torch.Tensor:
+        return draw_per_index(generators, like.shape[1:], device=like.device, dtype=like.dtype)
 
     return noise_fn

@@ -5,12 +5,18 @@ Strided sampling is ancestral sampling on a respaced process:
 initial x_T as ``noise``, per-step noise through ``step_noise(i)``, or both drawn from a
 ``generator`` in a fixed order (x_T first, then one draw per step, t = T-1 ... 0), the
 same order as the reference implementation, so seeded runs replay exactly.
+
+``generators`` (one per sample, e.g. :func:`index_generators`) draws sample i's x_T and
+every step's noise from its own generator, in that same order: a sample then does not
+depend on which other samples share its batch, so a sample set split over any number of
+workers (by sample index) is drawn exactly as in one piece.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from diffusion.gaussian import GaussianDiffusion, Model
@@ -19,6 +25,9 @@ __all__ = [
     "SAMPLING_METHODS",
     "ddim_sample",
     "ddim_sample_loop",
+    "draw_per_index",
+    "index_generators",
+    "index_seed",
     "p_sample",
     "p_sample_loop",
     "sample",
@@ -26,6 +35,37 @@ __all__ = [
 
 StepNoise = Callable[[int], torch.Tensor]
 SAMPLING_METHODS = ("ancestral", "ddim")
+
+
+def index_seed(*entropy: int) -> int:
+    """A 63-bit seed mixed from non-negative integers, e.g. (seed, eval step, sample index),
+    with numpy's ``SeedSequence``: distinct tuples give unrelated streams."""
+    if any(not isinstance(e, int) or e < 0 for e in entropy):
+        raise ValueError(f"entropy: expected non-negative integers, got {entropy}")
+    words = [len(entropy), *entropy]  # the length first: (a, b) and (a, b, 0) differ
+    state = np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0]
+    return int(state) >> 1
+
+
+def index_generators(
+    entropy: Sequence[int], indices: Iterable[int], device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
+    """One generator per index i, seeded with :func:`index_seed` (*entropy, i)."""
+    return [torch.Generator(device=device).manual_seed(index_seed(*entropy, i)) for i in indices]
+
+
+def draw_per_index(
+    generators: Sequence[torch.Generator],
+    shape: Sequence[int],
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """[len(generators), *shape]: row i drawn from ``generators[i]``, placed on ``device``."""
+    rows = [
+        torch.randn(tuple(shape), generator=g, device=g.device, dtype=dtype) for g in generators
+    ]
+    return torch.stack(rows).to(device)
 
 
 def p_sample(
@@ -84,14 +124,22 @@ def _loop(
     noise: torch.Tensor | None,
     step_noise: StepNoise | None,
     generator: torch.Generator | None,
+    generators: Sequence[torch.Generator] | None,
     device: torch.device | str,
     dtype: torch.dtype,
     progress: bool,
     **step_kwargs,
 ) -> torch.Tensor:
     shape = tuple(shape)
+    if generators is not None:
+        if generator is not None:
+            raise ValueError("generator and generators: give at most one")
+        if len(generators) != shape[0]:
+            raise ValueError(f"generators: {len(generators)} for a batch of {shape[0]}")
 
     def draw() -> torch.Tensor:
+        if generators is not None:
+            return draw_per_index(generators, shape[1:], device=device, dtype=dtype)
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
     x = draw() if noise is None else noise.to(device=device, dtype=dtype)
@@ -118,6 +166,7 @@ def p_sample_loop(
     noise: torch.Tensor | None = None,
     step_noise: StepNoise | None = None,
     generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] | None = None,
     clip_denoised: bool = True,
     model_kwargs: dict | None = None,
     device: torch.device | str = "cpu",
@@ -125,6 +174,9 @@ def p_sample_loop(
     progress: bool = False,
 ) -> torch.Tensor:
     """Ancestral sampling over every step of ``diffusion`` (respace it for strided sampling).
+
+    Noise: ``noise`` / ``step_noise`` when given, else from ``generator`` (one stream for the
+    batch) or ``generators`` (one per sample), else torch's global RNG.
 
     Returns x_0 samples [N, C, H, W] (shape = ``shape``), in [-1, 1] when clipping.
     """
@@ -136,6 +188,7 @@ def p_sample_loop(
         noise=noise,
         step_noise=step_noise,
         generator=generator,
+        generators=generators,
         device=device,
         dtype=dtype,
         progress=progress,
@@ -153,6 +206,7 @@ def ddim_sample_loop(
     noise: torch.Tensor | None = None,
     step_noise: StepNoise | None = None,
     generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] | None = None,
     clip_denoised: bool = True,
     model_kwargs: dict | None = None,
     device: torch.device | str = "cpu",
@@ -170,6 +224,7 @@ def ddim_sample_loop(
         noise=noise,
         step_noise=step_noise,
         generator=generator,
+        generators=generators,
         device=device,
         dtype=dtype,
         progress=progress,

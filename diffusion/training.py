@@ -3,6 +3,10 @@
 Shared by the benchmark, the demo and the Ray Train worker loop, so all three train the
 same way: t ~ sampler, loss = mean(weight_t * loss_t) (Eq. 18 weights; all ones for the
 uniform sampler), AdamW, optional gradient clipping, EMA update.
+
+On a GPU the step never waits on the host when asked not to (``check_finite=False``, the
+uniform sampler and a generator on the batch's device): t and the noise are drawn on the
+device, and the caller reads the non-finite check later (the trial's ``NonFiniteWatch``).
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ import torch
 from torch import nn
 
 from diffusion.gaussian import GaussianDiffusion
-from diffusion.timesteps import TimestepSampler
+from diffusion.timesteps import TimestepSampler, UniformSampler
 
-__all__ = ["EMA", "make_optimizer", "train_step"]
+__all__ = ["EMA", "draw_noise", "draw_timesteps", "make_optimizer", "train_step"]
 
 
 class EMA:
@@ -61,6 +65,42 @@ def make_optimizer(
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused)
 
 
+def draw_timesteps(
+    sampler: TimestepSampler,
+    batch_size: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t [B] int64, weights [B] float32) on ``device``, drawn with ``generator``.
+
+    A CPU generator (or none) draws through ``sampler.sample`` on the CPU and moves the
+    draws to ``device``: the CPU path of every earlier version. A generator on the device
+    draws there: the uniform sampler with ``randint`` (weights all ones, no host transfer);
+    any other sampler keeps its distribution on the host (the Eq. 18 history is numpy), so
+    its probabilities are copied over once per step.
+    """
+    if generator is None or generator.device.type == "cpu":
+        return sampler.sample(batch_size, device=device, generator=generator)
+    if isinstance(sampler, UniformSampler):
+        t = torch.randint(sampler.num_timesteps, (batch_size,), device=device, generator=generator)
+        return t, torch.ones(batch_size, device=device)
+    probs = torch.from_numpy(sampler.probabilities()).to(device)
+    t = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+    weights = 1.0 / (sampler.num_timesteps * probs[t])
+    return t, weights.to(torch.float32)
+
+
+def draw_noise(x_start: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """eps ~ N(0, I) shaped like ``x_start``, on its device: drawn on the CPU and moved with a
+    CPU generator (or none), drawn on the device with a device generator."""
+    if generator is None or generator.device.type == "cpu":
+        noise = torch.randn(x_start.shape, generator=generator, dtype=x_start.dtype)
+        return noise.to(x_start.device)
+    return torch.randn(
+        x_start.shape, generator=generator, dtype=x_start.dtype, device=x_start.device
+    )
+
+
 def train_step(
     model: nn.Module,
     diffusion: GaussianDiffusion,
@@ -73,18 +113,22 @@ def train_step(
     grad_clip: float | None = None,
     autocast_dtype: torch.dtype | None = None,
     model_kwargs: dict | None = None,
+    check_finite: bool = True,
 ) -> dict[str, torch.Tensor]:
     """One step on a batch ``x_start`` [B, C, H, W] in [-1, 1].
 
-    t and the noise are drawn on the CPU from ``generator`` (so runs replay exactly on any
-    device) and moved to the batch's device. ``autocast_dtype`` (e.g. torch.bfloat16) runs
-    the model under autocast; the diffusion math stays in float32. Returns detached
-    per-example tensors: "t", "loss", "mse", "vb" (when the objective has them), the
-    weighted scalar "objective" and, with clipping, "grad_norm".
+    t and the noise come from ``generator`` (:func:`draw_timesteps`, :func:`draw_noise`):
+    a CPU generator replays a run exactly on any device, a generator on the batch's device
+    keeps the step off the host. ``autocast_dtype`` (e.g. torch.bfloat16) runs the model
+    under autocast; the diffusion math stays in float32. ``check_finite`` raises
+    FloatingPointError on a non-finite loss before the update (one host sync); without it
+    the caller must check ``"objective"`` itself. Returns detached per-example tensors:
+    "t", "loss", "mse", "vb" (when the objective has them), the weighted scalar "objective"
+    and, with clipping, "grad_norm".
     """
     device = x_start.device
-    t, weights = sampler.sample(x_start.shape[0], device=device, generator=generator)
-    noise = torch.randn(x_start.shape, generator=generator, dtype=x_start.dtype).to(device)
+    t, weights = draw_timesteps(sampler, x_start.shape[0], device, generator)
+    noise = draw_noise(x_start, generator)
     autocast = (
         torch.autocast(device_type=device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
@@ -94,7 +138,7 @@ def train_step(
         terms = diffusion.training_losses(model, x_start, t, noise=noise, model_kwargs=model_kwargs)
     sampler.update(t, terms["loss"].detach())
     objective = (terms["loss"] * weights).mean()
-    if not math.isfinite(objective.item()):
+    if check_finite and not math.isfinite(objective.item()):
         raise FloatingPointError(f"training loss is {objective.item()}")
 
     optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
 """A validated sweep -> its grid cells -> the trials that serve them (compute-prefix sharing),
-the plan's cost, and the dry-run table.
+the plan's cost (training and evaluation FLOPs, GPU-hours: :mod:`orchestrator.cost`), and the
+dry-run table.
 
 Reading and validating the sweep file is :mod:`orchestrator.config.sweep_spec`;
 :func:`load_plan` reads it, expands it (every cell is a full trial config, validated) and
@@ -28,12 +29,14 @@ from diffusion.unet import UNetConfig
 from orchestrator.config import (
     BUDGET_KINDS,
     ConfigError,
+    CostConfig,
     Problem,
     SweepSpec,
     TrialConfig,
     dataset_problems,
     read_sweep,
 )
+from orchestrator.cost import TrialCost, trial_cost
 from orchestrator.names import (
     BUDGET_TAG,
     CELLS_TAG,
@@ -66,9 +69,12 @@ TABLE_HEADERS = [
     "steps",
     "workers",
     "train FLOPs",
+    "eval FLOPs",
+    "GPU-h",
     "other axes",
     "trial",
 ]
+PRICE_HEADER = "$"  # after GPU-h, when the sweep's cost section gives usd_per_gpu_hour
 
 
 def _set(d: dict[str, Any], key: str, value: Any) -> None:
@@ -128,6 +134,10 @@ class TrialPlan:
         """Training FLOPs of the trial (3 x forward x images)."""
         return training_flops(self.forward_flops, self.steps * self.config.train.batch_size)
 
+    def cost(self, cost: CostConfig) -> TrialCost:
+        """Training and evaluation FLOPs, GPU-hours (and $) of the trial on its workers."""
+        return trial_cost(self.config, self.forward_flops, cost)
+
     def tags(self, sweep: str) -> dict[str, str]:
         """MLflow tags of the trial's child run."""
         cells = [
@@ -175,6 +185,27 @@ class SweepPlan:
             f"{len(self.cells)} cells in {len(self.trials)} trials: {trials:.3g} training "
             f"FLOPs instead of {cells:.3g} ({pct:.0f}% saved by compute-prefix sharing)"
         )
+
+    def totals(self) -> str:
+        """One line: training vs evaluation FLOPs of the trials, their shares, the GPU-hours
+        (and $) at the sweep's ``cost:`` (every worker of a trial counted for its whole wall
+        time, idle or not: :mod:`orchestrator.cost`)."""
+        cost = self.spec.cost
+        costs = [t.cost(cost) for t in self.trials]
+        train = sum(c.train_flops for c in costs)
+        evals = sum(c.eval_flops for c in costs)
+        hours = sum(c.gpu_hours for c in costs)
+        share = 100.0 / (train + evals) if train + evals else 0.0
+        line = (
+            f"total: {train:.3g} training FLOPs ({train * share:.0f}%) + {evals:.3g} "
+            f"evaluation FLOPs ({evals * share:.0f}%); {hours:.3g} GPU-hours at "
+            f"{cost.device_tflops:g} TFLOP/s sustained per GPU (cost.device_tflops; every "
+            "worker of a trial counted for its whole wall time)"
+        )
+        if cost.usd_per_gpu_hour is not None:
+            price = cost.usd_per_gpu_hour
+            line += f"; ${_usd(hours * price)} at ${price:g}/GPU-hour"
+        return line
 
 
 def load_sweep(
@@ -345,11 +376,21 @@ def _count_params(unet: UNetConfig) -> int:
         return count_parameters(build_model(unet))
 
 
+def _usd(amount: float | None) -> str:
+    if amount is None:
+        return "-"
+    return f"{amount:,.0f}" if amount >= 100 else f"{amount:.2g}"
+
+
 def trial_table(plan: SweepPlan) -> tuple[list[list[Any]], list[str]]:
-    """Rows and headers of the dry-run table: one row per cell."""
+    """Rows and headers of the dry-run table: one row per cell. Eval FLOPs, GPU-hours (and $)
+    are the trial's, on the row of its largest cell (its other cells are read on the way)."""
     rows = []
+    priced = plan.spec.cost.usd_per_gpu_hour is not None
     for t in plan.trials:
         res = t.config.resources
+        cost = t.cost(plan.spec.cost)
+        last = next(c.id for c in t.cells if t.cell_steps[c.id] == t.steps)
         for c in t.cells:
             step = t.cell_steps[c.id]
             flops = training_flops(t.forward_flops, step * t.config.train.batch_size)
@@ -368,8 +409,14 @@ def trial_table(plan: SweepPlan) -> tuple[list[list[Any]], list[str]]:
                     step,
                     f"{res.num_workers}{' GPU' if res.use_gpu else ''}",
                     f"{flops:.3g}",
+                    f"{cost.eval_flops:.3g}" if c.id == last else "-",
+                    f"{cost.gpu_hours:.3g}" if c.id == last else "-",
+                    *([_usd(cost.usd) if c.id == last else "-"] if priced else []),
                     axes or "-",
                     t.name + ("" if step == t.steps else f" @ {step}"),
                 ]
             )
-    return rows, list(TABLE_HEADERS)
+    headers = list(TABLE_HEADERS)
+    if priced:
+        headers.insert(headers.index("GPU-h") + 1, PRICE_HEADER)
+    return rows, headers

@@ -17,11 +17,18 @@ State: {"epoch", "offset"}, offset = examples of the epoch this rank has yielded
 names the next batch (after an epoch's last batch it already reads (epoch + 1, 0)). All ranks
 share it, so rank 0's copy can be checkpointed for everyone; it is valid for the same
 dataset, world size, batch size, seed and ``drop_last``.
+
+Prefetch (``prefetch=N``): a background thread reads, permutes and converts up to N batches
+ahead (into pinned memory with ``pin_memory``, for asynchronous copies to a GPU). The
+batches and their order are exactly those without prefetch, and the state still names the
+next batch the caller will receive, not the next one the thread will read.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -38,13 +45,17 @@ log = logging.getLogger(__name__)
 _SHARD_ORDER, _SHARD_ROWS = 0, 1
 
 _Chunk = tuple[np.ndarray, np.ndarray, np.ndarray]  # images [n, C, H, W], labels [n], flips [n]
+_Batch = tuple[torch.Tensor, torch.Tensor]
+_State = tuple[int, int]  # (epoch, offset) after a batch: the position of the next one
+_END = object()  # the producer thread's last item
 
 
 class ShardLoader:
     """Float32 images in [-1, 1] ([B, C, H, W]) and int64 labels ([B]) for one rank.
 
     Iterating yields the rest of the current epoch, then moves to the next; ``batches()``
-    runs on across epochs forever.
+    runs on across epochs forever. ``prefetch`` batches are prepared ahead in a background
+    thread (0: none), into pinned memory when ``pin_memory`` (needs CUDA).
     """
 
     def __init__(
@@ -59,6 +70,8 @@ class ShardLoader:
         flip: bool = False,
         drop_last: bool = True,
         endpoint_url: str | None = None,
+        prefetch: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         self.dataset = (
             uri if isinstance(uri, ShardDataset) else open_dataset(uri, endpoint_url=endpoint_url)
@@ -72,6 +85,8 @@ class ShardLoader:
             )
         if seed < 0:
             raise ValueError(f"seed: got {seed}; expected a non-negative integer")
+        if prefetch < 0:
+            raise ValueError(f"prefetch: got {prefetch}; expected batches >= 0")
         per_rank = info.count // world_size
         self.examples_per_epoch = (per_rank // batch_size) * batch_size if drop_last else per_rank
         if self.examples_per_epoch == 0:
@@ -83,6 +98,7 @@ class ShardLoader:
         self.split, self.batch_size = split, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.flip, self.drop_last = flip, drop_last
+        self.prefetch, self.pin_memory = prefetch, pin_memory
         self.shape = info.shape
         self._counts = [s.count for s in info.shards]
         self._start = rank * per_rank  # this rank's block in the epoch stream
@@ -141,17 +157,19 @@ class ShardLoader:
             rows = perm[lo:hi]
             yield images[rows], labels[rows], flips[lo:hi]
 
-    def _to_batch(
-        self, images: np.ndarray, labels: np.ndarray, flips: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_batch(self, images: np.ndarray, labels: np.ndarray, flips: np.ndarray) -> _Batch:
         x = torch.from_numpy(images)  # [B, C, H, W] uint8
         if self.flip and flips.any():
             mask = torch.from_numpy(flips)
             x[mask] = x[mask].flip(-1)
-        return to_model_range(x), torch.from_numpy(labels)
+        x, y = to_model_range(x), torch.from_numpy(labels)
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, offset = self._epoch, self._offset
+    def _epoch_batches(self, epoch: int, offset: int) -> Iterator[tuple[_Batch, _State]]:
+        """The batches of ``epoch`` from ``offset`` on, each with the state after it; reads
+        no attribute that iteration changes, so it can run ahead in a thread."""
         end = self.examples_per_epoch
         pending: list[_Chunk] = []  # views into shard pieces, oldest first
         pending_rows = 0
@@ -165,14 +183,72 @@ class ShardLoader:
                 batch = take_rows(pending, n)
                 pending_rows -= n
                 offset += n
-                # Advance the state before handing the batch out: it names the next batch.
-                if offset == end:
-                    self._epoch, self._offset = epoch + 1, 0
-                else:
-                    self._offset = offset
-                yield self._to_batch(*batch)
+                after = (epoch + 1, 0) if offset == end else (epoch, offset)
+                yield self._to_batch(*batch), after
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _stream(self, epochs: int | None) -> Iterator[tuple[_Batch, _State]]:
+        """From the current state: the rest of this epoch, then ``epochs - 1`` more (None:
+        without end)."""
+        epoch, offset = self._epoch, self._offset
+        last = None if epochs is None else epoch + epochs - 1
+        while last is None or epoch <= last:
+            yield from self._epoch_batches(epoch, offset)
+            epoch, offset = epoch + 1, 0
+
+    def _iterate(self, epochs: int | None) -> Iterator[_Batch]:
+        source = self._stream(epochs)
+        if self.prefetch:
+            source = _prefetched(source, self.prefetch)
+        try:
+            for batch, (epoch, offset) in source:
+                # Advance the state before handing the batch out: it names the next batch.
+                self._epoch, self._offset = epoch, offset
+                yield batch
+        finally:
+            source.close()  # stops a prefetch thread
+
+    def __iter__(self) -> Iterator[_Batch]:
+        return self._iterate(epochs=1)
+
+    def batches(self) -> Iterator[_Batch]:
         """Batches across epochs, without end (for step-counted training loops)."""
+        return self._iterate(epochs=None)
+
+
+def _prefetched(source: Iterator, depth: int) -> Iterator:
+    """The items of ``source``, produced up to ``depth`` ahead by a daemon thread; an error
+    in the thread is raised here; closing this generator stops the thread."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in source:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="ShardLoader-prefetch", daemon=True)
+    thread.start()
+    try:
         while True:
-            yield from self
+            item = items.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)

@@ -17,10 +17,12 @@ from orchestrator.config.sections import (
     parse_sampler,
 )
 from orchestrator.config.sweep_spec import (
+    DEFAULT_DEVICE_TFLOPS,
     KEY_ALIASES,
     RESOURCE_KEYS,
     SWEEP_KEYS,
     UNET_FIELDS,
+    CostConfig,
     SweepSpec,
     canonical_key,
     dataset_problems,
@@ -49,6 +51,7 @@ from orchestrator.config.validation import (
 
 __all__ = [
     "BUDGET_KINDS",
+    "DEFAULT_DEVICE_TFLOPS",
     "DIFFUSION_RULES",
     "EVAL_SPAN",
     "FIXED_VAR_TYPES",
@@ -61,6 +64,7 @@ __all__ = [
     "URI_SCHEMES",
     "BudgetConfig",
     "ConfigError",
+    "CostConfig",
     "DataConfig",
     "EvalConfig",
     "ModelSection",

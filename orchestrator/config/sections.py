@@ -130,6 +130,7 @@ class TrainConfig(Section):
     grad_clip: float | None = spec(1.0, gt=0)  # max global grad norm; null: no clipping
     timestep_sampler: str = spec("uniform", choices=tuple(SAMPLERS))  # Eq. 18: loss-second-moment
     bf16: bool = False  # bf16 autocast for the model (math stays float32/64)
+    channels_last: bool = False  # NHWC memory format for the model's convolutions
     seed: int = spec(0, ge=0)
     log_every: int = spec(10, ge=1)  # steps between train/* metric logs
     checkpoint_every: int = spec(100, ge=1)  # steps between checkpoints (eval points add more)

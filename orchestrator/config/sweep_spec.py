@@ -12,6 +12,7 @@ the base of every cell) plus::
     max_concurrent_trials: 2
     share_compute_prefix: true         # one trial per size serves every budget (constant LR)
     size_resources: {digits-s: {num_workers: 2}}               # per-size resources
+    cost: {device_tflops: 125, usd_per_gpu_hour: 2.0}          # the dry run's GPU-hours and $
 
 Axis keys are ``section.field`` (``train.lr``, ``diffusion.schedule``) or, for the model,
 ``model.name`` and any UNet field (``model.model_channels``, alias ``model.channels``),
@@ -29,7 +30,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -42,16 +43,21 @@ from orchestrator.config.trial import NAME_PATTERN, SECTIONS, TrialConfig
 from orchestrator.config.validation import (
     ConfigError,
     Problem,
+    Section,
     build_section,
     load_yaml,
+    prepare_command,
+    spec,
     unknown_key,
 )
 
 __all__ = [
+    "DEFAULT_DEVICE_TFLOPS",
     "KEY_ALIASES",
     "RESOURCE_KEYS",
     "SWEEP_KEYS",
     "UNET_FIELDS",
+    "CostConfig",
     "SweepSpec",
     "canonical_key",
     "dataset_problems",
@@ -67,10 +73,24 @@ SWEEP_KEYS = (
     "max_concurrent_trials",
     "share_compute_prefix",
     "size_resources",
+    "cost",
 )
 KEY_ALIASES = {"model.channels": "model.overrides.model_channels"}
 UNET_FIELDS = [f.name for f in dataclasses.fields(UNetConfig)]
 RESOURCE_KEYS = tuple(f.name for f in dataclasses.fields(ResourcesConfig))
+# Sustained TFLOP/s per GPU when the sweep names none: 40% of an A100's 312 TFLOP/s dense
+# bf16 peak. Conservative for these UNets (convolutions and attention at <= 64x64 with
+# GroupNorm between them rarely sustain more); measure yours (benchmarks/gpu.sh) and set it.
+DEFAULT_DEVICE_TFLOPS = 125.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostConfig(Section):
+    """The sweep's ``cost:`` section: what the dry run's GPU-hours (and $) assume."""
+
+    section: ClassVar[str] = "cost"
+    device_tflops: float = spec(DEFAULT_DEVICE_TFLOPS, gt=0)  # sustained TFLOP/s per GPU
+    usd_per_gpu_hour: float | None = spec(None, gt=0)  # null: no $ column
 
 
 def canonical_key(key: str) -> str:
@@ -99,6 +119,7 @@ class SweepSpec:
     source: str
     text: str  # the file as given (logged as an artifact)
     overrides: tuple[str, ...]  # --set items, then the pins: load_sweep(source, overrides, text)
+    cost: CostConfig = dataclasses.field(default_factory=CostConfig)  # not part of to_dict
 
     @property
     def tracking_uri(self) -> str:
@@ -292,6 +313,10 @@ def _size_resources_problems(size_resources: dict, base_resources: Any) -> list[
     return problems
 
 
+def _or_empty(value: Any) -> Any:
+    return {} if value is None else value
+
+
 def read_sweep(
     path: str | Path, overrides: Sequence[str] = (), *, text: str | None = None
 ) -> SweepSpec:
@@ -340,6 +365,11 @@ def read_sweep(
         )
         size_resources = {}
     problems += _size_resources_problems(size_resources, data.get("resources"))
+    cost = CostConfig()
+    try:
+        cost = build_section(CostConfig, "cost", _or_empty(data.get("cost")), {})
+    except ConfigError as error:
+        problems += error.problems
     if problems:
         raise ConfigError(problems, source)
     return SweepSpec(
@@ -355,6 +385,7 @@ def read_sweep(
         source=source,
         text=text,
         overrides=(*overrides, *pins),
+        cost=cost,
     )
 
 
@@ -374,7 +405,13 @@ def dataset_problems(configs: Iterable[TrialConfig]) -> list[Problem]:
             fs, root = storage.resolve(data.dataset, endpoint_url=data.endpoint_url)
             manifest = read_manifest(fs, root, data.dataset)
         except (OSError, ValueError) as error:
-            problems.append(("data.dataset", f"{error}"))
+            msg = f"{error}"
+            if isinstance(error.__cause__, FileNotFoundError):  # no manifest: never prepared
+                msg = (
+                    f"{data.dataset}: no manifest.json: the dataset was never prepared (or its "
+                    f"preparer did not finish); run {prepare_command(data.dataset)}"
+                )
+            problems.append(("data.dataset", msg))
             continue
         for split_key in ("train_split", "eval_split"):
             split = getattr(data, split_key)

@@ -3,7 +3,8 @@ window, the eval point, the checkpoint.
 
 Every rank trains with the shared :func:`diffusion.training.train_step` under DDP; rank 0
 logs to MLflow (the run id travels in the checkpoint, so a resumed trial continues the same
-run), evaluates at the eval points (spread evenly in log-compute) and every rank checkpoints
+run), every rank evaluates its share at the eval points (spread evenly in log-compute;
+rank 0 logs) and every rank checkpoints
 its part of the :class:`~orchestrator.trial.state.TrialState`. On the CPU a trial restored
 from a checkpoint continues bit for bit: the order of every random draw below matters.
 """
@@ -28,8 +29,11 @@ from diffusion.timesteps import TimestepSampler, create_sampler
 from diffusion.training import EMA, make_optimizer, train_step
 from diffusion.unet import UNet
 from orchestrator.config import TrialConfig
+from orchestrator.cost import eval_point_flops
 from orchestrator.evaluate import evaluate_trial, save_grid
 from orchestrator.names import (
+    CHECKPOINT_SCORE,
+    COMPUTE_EVAL_FLOPS,
     COMPUTE_FLOPS,
     COMPUTE_IMAGES,
     MODEL_FLOPS_PARAM,
@@ -40,11 +44,12 @@ from orchestrator.names import (
     REPORT_STEP,
     SAMPLES_ARTIFACT_DIR,
     TRIAL_TAG,
+    checkpoint_dir_name,
     samples_grid_file,
 )
-from orchestrator.trial.restore import newest_valid_checkpoint
+from orchestrator.trial.restore import checkpoint_score, newest_valid_checkpoint, pinned_steps
 from orchestrator.trial.state import RankRng, TrialState
-from orchestrator.trial.window import LogWindow
+from orchestrator.trial.window import LogWindow, NonFiniteWatch
 
 if TYPE_CHECKING:
     from orchestrator.tracking import RunLogger
@@ -70,14 +75,16 @@ class Worker:
     optimizer: torch.optim.Optimizer
     sampler: TimestepSampler
     loader: ShardLoader
-    generator: torch.Generator  # timesteps and noise of this rank
+    generator: torch.Generator  # timesteps and noise of this rank, on its device
     window: LogWindow
+    watch: NonFiniteWatch
     forward_flops: int
     total_steps: int
     eval_steps: set[int]
     step: int = 0
     images: int = 0
     run_id: str | None = None
+    eval_flops: int = 0  # cumulative FLOPs of the eval points so far
 
     @property
     def global_batch(self) -> int:
@@ -92,6 +99,7 @@ class Worker:
             images=self.images,
             flops=training_flops(self.forward_flops, self.images),
             mlflow_run_id=self.run_id,
+            eval_flops=self.eval_flops,
             config=self.cfg.to_dict(),
             model_config=self.cfg.model_config().to_dict(),
             diffusion_config=self.cfg.diffusion.to_dict(),
@@ -103,7 +111,8 @@ class Worker:
             rng=RankRng(
                 torch=torch.get_rng_state(),
                 generator=self.generator.get_state(),
-                window=self.window.sums.clone(),
+                window=self.window.sums.detach().to("cpu", copy=True),
+                cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             ),
         )
 
@@ -115,9 +124,12 @@ class Worker:
         self.sampler.load_state_dict(state.sampler)
         self.loader.load_state_dict(state.loader)
         torch.set_rng_state(state.rng.torch)
+        if state.rng.cuda is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state.rng.cuda, self.device)
         self.generator.set_state(state.rng.generator)
         self.window.sums.copy_(state.rng.window)  # a partial window survives the checkpoint
         self.step, self.images, self.run_id = state.step, state.images, state.mlflow_run_id
+        self.eval_flops = state.eval_flops
 
 
 def build_worker(
@@ -137,6 +149,8 @@ def build_worker(
     total_steps = cfg.budget.total_steps(global_batch, forward_flops)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = UNet(model_config).to(device)
+    if cfg.train.channels_last:  # NHWC activations for the convolutions (EMA copies it)
+        model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, cfg.train.ema_rate)
     optimizer = make_optimizer(
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
@@ -151,8 +165,11 @@ def build_worker(
         seed=cfg.train.seed,
         flip=cfg.data.flip,
         endpoint_url=data_endpoint,
+        prefetch=1,  # the next batch is read while this one trains
+        pin_memory=device.type == "cuda",
     )
-    generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + rank)
+    # On the CPU the same stream as every earlier version; on a GPU drawn there (no sync).
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + rank)
     torch.manual_seed(cfg.train.seed * 7919 + rank)  # dropout: a different stream per rank
     return Worker(
         cfg=cfg,
@@ -165,7 +182,8 @@ def build_worker(
         sampler=sampler,
         loader=loader,
         generator=generator,
-        window=LogWindow(diffusion.num_timesteps),
+        window=LogWindow(diffusion.num_timesteps, device=device),
+        watch=NonFiniteWatch(device),
         forward_flops=forward_flops,
         total_steps=total_steps,
         eval_steps=set(cfg.eval.eval_steps(total_steps)),
@@ -201,34 +219,51 @@ def open_run(w: Worker, loop_config: dict) -> RunLogger:
 
 # --------------------------------------------------------------------------- the step
 def train_one_step(w: Worker, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One optimizer step on this rank's batch; a non-finite loss stops the trial."""
+    """One optimizer step on this rank's batch, its terms added to the log window and its
+    objective to the non-finite watch: device work only, nothing here waits on the host
+    (with the uniform sampler; Eq. 18's sampler keeps its history on the host)."""
     w.model.train()
-    try:
-        terms = train_step(
-            w.model,
-            w.diffusion,
-            w.sampler,
-            w.optimizer,
-            x.to(w.device),
-            generator=w.generator,
-            ema=w.ema,
-            grad_clip=w.cfg.train.grad_clip,
-            autocast_dtype=torch.bfloat16 if w.cfg.train.bf16 else None,
-        )
-    except FloatingPointError as exc:
-        raise RuntimeError(
-            f"trial {w.cfg.name}: non-finite loss at step {w.step + 1} ({exc}); the last "
-            f"good checkpoint is kept"
-        ) from None
+    memory_format = torch.channels_last if w.cfg.train.channels_last else torch.preserve_format
+    terms = train_step(
+        w.model,
+        w.diffusion,
+        w.sampler,
+        w.optimizer,
+        x.to(w.device, non_blocking=True, memory_format=memory_format),
+        generator=w.generator,
+        ema=w.ema,
+        grad_clip=w.cfg.train.grad_clip,
+        autocast_dtype=torch.bfloat16 if w.cfg.train.bf16 else None,
+        check_finite=False,  # read by stop_if_non_finite at log points and checkpoints
+    )
     w.step += 1
     w.images += w.global_batch
+    w.window.add(terms)
+    w.watch.observe(w.step, terms["objective"])
     return terms
+
+
+def stop_if_non_finite(w: Worker) -> None:
+    """Raise if any rank's loss was non-finite since the start (collective: every rank calls
+    it at the same steps). Called before every log, eval point and checkpoint, so nothing
+    after the first bad step is logged or saved and the last good checkpoint is kept."""
+    bad = w.watch.first_bad()
+    if bad is not None:
+        step, value = bad
+        raise RuntimeError(
+            f"trial {w.cfg.name}: non-finite loss at step {step} (training loss is {value}); "
+            f"the last good checkpoint is kept"
+        )
 
 
 # --------------------------------------------------------------------------- the log window
 @dataclass
 class Clock:
-    """Wall-clock accounting: time in train steps, and throughput between log points."""
+    """Wall-clock accounting: time in train steps, and throughput between log points.
+
+    On a GPU a step returns once its work is queued; the queue drains when the log point
+    reads the window, which is timed as training too, so the sum stays right.
+    """
 
     train_seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
@@ -246,38 +281,42 @@ class Clock:
 
 # --------------------------------------------------------------------------- the eval point
 def eval_point(w: Worker, tracker: RunLogger | None) -> dict[str, float]:
-    """Rank 0's evaluation of the EMA model, and its sample grid as an artifact.
+    """Every rank's share of the evaluation of the EMA model (a collective: all ranks call
+    it at the same steps; the metrics come back the same on each), the cumulative evaluation
+    FLOPs (checkpointed), and rank 0's sample grid as an artifact.
 
     Evaluation must not move the training RNG (dropout), or a trial's result would depend on
     what evaluation did, e.g. building a feature network.
     """
+    final = w.step == w.total_steps
     devices = [w.device] if w.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         result = evaluate_trial(
-            w.cfg,
-            w.diffusion,
-            w.ema.module,
-            w.device,
-            step=w.step,
-            final=w.step == w.total_steps,
+            w.cfg, w.diffusion, w.ema.module, w.device, step=w.step, final=final
         )
         if tracker is not None and result.grid is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 path = save_grid(result.grid, Path(tmp) / samples_grid_file(w.step))
                 tracker.log_artifact(str(path), SAMPLES_ARTIFACT_DIR)
-    return result.metrics
+    w.eval_flops += eval_point_flops(w.cfg, w.forward_flops, final=final)
+    return {**result.metrics, COMPUTE_EVAL_FLOPS: float(w.eval_flops)}
 
 
 # --------------------------------------------------------------------------- the checkpoint
-def report_checkpoint(state: TrialState, metrics: dict[str, float]) -> None:
+def report_checkpoint(state: TrialState, metrics: dict[str, float], *, pinned: bool) -> None:
     """Save this rank's part of ``state`` and report it with ``metrics`` (a barrier: every
-    rank reports at the same steps)."""
+    rank reports at the same steps) as ``checkpoint_step<step>``; a ``pinned`` one (a grid
+    cell's step) is never deleted (:mod:`orchestrator.trial.restore`)."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="diffscale-ckpt-") as tmp:
         state.save(tmp)
         checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint)
+        reported = {k: float(v) for k, v in metrics.items()}
+        reported[CHECKPOINT_SCORE] = checkpoint_score(state.step, pinned)
+        ray.train.report(
+            reported, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.step)
+        )
 
 
 # --------------------------------------------------------------------------- the loop
@@ -317,16 +356,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
             x, _ = next(batches)
             tick = time.perf_counter()
             terms = train_one_step(w, x)
-            clock.train_seconds += time.perf_counter() - tick
-            w.window.add(terms)
             last = w.step == w.total_steps
-            metrics: dict[str, Any] = {}
-            if w.step % cfg.train.log_every == 0 or last:
-                metrics.update(w.window.metrics("mse" in terms, "vb" in terms))  # all ranks
-                metrics.update(clock.throughput(w.images, w.forward_flops))
+            at_log = w.step % cfg.train.log_every == 0 or last
             at_eval = w.step in w.eval_steps
             at_ckpt = at_eval or w.step % cfg.train.checkpoint_every == 0 or last
-            if at_eval and rank == 0:
+            metrics: dict[str, Any] = {}
+            if at_log or at_ckpt:  # the only host reads of the step's results (all ranks)
+                stop_if_non_finite(w)
+            if at_log:
+                metrics.update(w.window.metrics("mse" in terms, "vb" in terms))  # all ranks
+            clock.train_seconds += time.perf_counter() - tick  # a GPU's queue drains at reads
+            if at_log:
+                metrics.update(clock.throughput(w.images, w.forward_flops))
+            if at_eval:  # every rank: the evaluation is sharded
                 metrics.update(eval_point(w, tracker))
             if metrics or at_ckpt:
                 metrics[COMPUTE_IMAGES] = float(w.images)
@@ -342,7 +384,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     # Points up to this checkpoint must be stored before it commits: a crash
                     # after it resumes past them. During an outage they stay buffered.
                     log.warning("MLflow unreachable at step %d: metrics stay buffered", w.step)
-                report_checkpoint(w.snapshot(), metrics)
+                pinned = w.step in pinned_steps(cfg.eval.at_steps, w.total_steps)
+                report_checkpoint(w.snapshot(), metrics, pinned=pinned)
         if tracker is not None:
             tracker.close("FINISHED")
             tracker = None

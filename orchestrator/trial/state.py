@@ -25,15 +25,18 @@ __all__ = ["RankRng", "TrialState"]
 
 @dataclass(frozen=True, kw_only=True)
 class RankRng:
-    """One rank's random state: torch's global RNG (dropout), the training generator
-    (timesteps and noise), and the log window's partial sums."""
+    """One rank's random state: torch's global RNG (dropout on the CPU), the training
+    generator (timesteps and noise), the log window's partial sums, and on a GPU the CUDA
+    default generator (dropout there)."""
 
     torch: torch.Tensor
     generator: torch.Tensor
     window: torch.Tensor
+    cuda: torch.Tensor | None = None  # the CUDA default generator (dropout on a GPU)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        return {"torch": self.torch, "generator": self.generator, "window": self.window}
+        out = {"torch": self.torch, "generator": self.generator, "window": self.window}
+        return out if self.cuda is None else {**out, "cuda": self.cuda}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +61,7 @@ class TrialState:
     sampler: dict[str, Any]
     loader: dict[str, Any]
     rng: RankRng
+    eval_flops: int = 0  # cumulative FLOPs of the eval points (0 in older checkpoints)
 
     def meta(self) -> dict[str, Any]:
         """The JSON part (``meta.json``)."""
@@ -65,6 +69,7 @@ class TrialState:
             "step": self.step,
             "images": self.images,
             "flops": self.flops,
+            "eval_flops": self.eval_flops,
             "mlflow_run_id": self.mlflow_run_id,
             "config": self.config,
             "world_size": self.world_size,
@@ -115,6 +120,7 @@ class TrialState:
             step=meta["step"],
             images=meta["images"],
             flops=meta["flops"],
+            eval_flops=int(meta.get("eval_flops", 0)),
             mlflow_run_id=meta.get("mlflow_run_id"),
             config=meta["config"],
             model_config=meta["model"],
@@ -124,5 +130,10 @@ class TrialState:
             optimizer=state["optimizer"],
             sampler=state["sampler"],
             loader=state["loader"],
-            rng=RankRng(torch=rng["torch"], generator=rng["generator"], window=rng["window"]),
+            rng=RankRng(
+                torch=rng["torch"],
+                generator=rng["generator"],
+                window=rng["window"],
+                cuda=rng.get("cuda"),
+            ),
         )

@@ -10,11 +10,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion.flops import (
+    FEATURE_INPUTS,
     count_forward_flops,
     count_parameters,
+    feature_dim,
+    feature_flops_per_image,
     forward_flops_per_image,
+    precision_recall_flops,
+    sampling_forwards,
     training_flops,
 )
+from diffusion.metrics import precision_recall
+from diffusion.metrics.inception import build_fid_inception
+from diffusion.metrics.registry import FEATURE_EXTRACTORS
 from diffusion.unet import MODEL_LADDER, UNet, UNetConfig
 from diffusion.unet import count_parameters as unet_count_parameters
 
@@ -106,3 +114,43 @@ def test_count_parameters_reexported():
     config = UNetConfig(image_size=8, in_channels=1, model_channels=32, num_res_blocks=1)
     with torch.device("meta"):
         assert count_parameters(UNet(config)) == 717_858
+
+
+# ---------------------------------------------------------------- the parts of evaluation
+def test_feature_networks_are_counted_from_their_architecture():
+    # the digits classifier by hand: conv 1->16 and 16->32 (3x3, 8x8), fc 512->128; 2 per MAC
+    hand = 2 * (9 * 1 * 16 * 64 + 9 * 16 * 32 * 64 + 512 * 128)
+    assert feature_flops_per_image("digits") == hand
+    # FID Inception v3 at 299 x 299 up to pool3: ~5.7 G multiply-adds (Szegedy et al. 2016)
+    inception = feature_flops_per_image("inception")
+    assert 11.0e9 < inception < 11.8e9
+    assert set(FEATURE_INPUTS) == set(FEATURE_EXTRACTORS)
+    assert (feature_dim("inception"), feature_dim("digits")) == (2048, 128)
+    with pytest.raises(ValueError, match=r"allowed values: \['inception', 'digits'\]"):
+        feature_flops_per_image("vgg")
+
+
+def test_inception_pool3_is_the_network_without_its_classifier():
+    with torch.device("meta"):
+        net = build_fid_inception().eval()
+        x = torch.zeros(2, 3, 299, 299)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net.fc = torch.nn.Identity()  # pool3 features [2, 2048]: the network minus its logits
+        assert net(x).shape == (2, 2048)
+    assert counter.get_total_flops() == 2 * feature_flops_per_image("inception")
+
+
+@pytest.mark.parametrize(
+    "spacing,forwards", [("100", 100), ("ddim50", 50), ("10,15,20", 45), ("4000", 4000)]
+)
+def test_sampling_costs_one_forward_per_respaced_step(spacing, forwards):
+    assert sampling_forwards(4000, spacing) == forwards
+
+
+def test_precision_recall_counts_its_three_distance_matrices():
+    real, fake = torch.zeros(5, 7), torch.zeros(9, 7)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        precision_recall(real, fake, k=3)
+    assert counter.get_total_flops() == precision_recall_flops(5, 9, 7)

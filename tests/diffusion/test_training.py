@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diffusion.timesteps import LossSecondMomentResampler, UniformSampler
-from diffusion.training import EMA, train_step
+from diffusion.training import EMA, draw_noise, draw_timesteps, train_step
 
 from .helpers import make_diffusion
 
@@ -101,3 +101,26 @@ def test_nan_loss_raises():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.raises(FloatingPointError, match="nan"):
         train_step(model, make_diffusion(20), UniformSampler(20), opt, batch())
+
+
+def test_cpu_draws_are_the_sampler_and_randn_streams():
+    """With a CPU generator, t and the noise are the draws of every earlier version:
+    sampler.sample, then torch.randn on the CPU (what exact resume and old runs rely on)."""
+    sampler, x = UniformSampler(50), batch()
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    t, w = draw_timesteps(sampler, 8, x.device, g1)
+    noise = draw_noise(x, g1)
+    t_ref, w_ref = sampler.sample(8, generator=g2)
+    assert torch.equal(t, t_ref) and torch.equal(w, w_ref)
+    assert torch.equal(noise, torch.randn(x.shape, generator=g2))
+
+
+def test_unchecked_step_returns_the_non_finite_objective():
+    model = Tiny()
+    with torch.no_grad():
+        model.conv.bias.fill_(float("nan"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    out = train_step(
+        model, make_diffusion(20), UniformSampler(20), opt, batch(), check_finite=False
+    )
+    assert torch.isnan(out["objective"])  # the caller's watch reads it later

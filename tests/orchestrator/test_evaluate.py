@@ -1,14 +1,17 @@
-"""orchestrator.evaluate: ``diffscale eval`` on a checkpoint, the real images, and a trial's
-end-of-training sampling study (``eval.sampling``), without Ray."""
+"""orchestrator.evaluate: ``diffscale eval`` on a checkpoint, the real images, a trial's
+end-of-training sampling study (``eval.sampling``), and sharding over processes, without
+Ray (a real gloo process group of 2 processes)."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from diffusion.config import DiffusionConfig
 from diffusion.data import load_digits_uint8, prepare_dataset, to_model_range
+from diffusion.likelihood import nll_per_image
 from diffusion.metrics import feature_statistics, get_feature_extractor
 from diffusion.unet import UNet, build_model, get_model_config
 from orchestrator.checkpoint import save_checkpoint
@@ -16,6 +19,8 @@ from orchestrator.cli import main
 from orchestrator.config import TrialConfig, parse_sampler
 from orchestrator.evaluate import (
     EvalOptions,
+    Shard,
+    draw_samples,
     evaluate_checkpoint,
     evaluate_trial,
     load_real_images,
@@ -45,7 +50,16 @@ def test_evaluate_checkpoint_on_digits(checkpoint, tmp_path):
     options = EvalOptions(
         num_images=40, num_samples=40, nll_timesteps=5, sample_steps="10", batch_size=20
     )
-    result = evaluate_checkpoint(checkpoint, options, tmp_path / "eval")
+    stages, counts = [], []
+    result = evaluate_checkpoint(
+        checkpoint,
+        options,
+        tmp_path / "eval",
+        progress=stages.append,
+        count=lambda done, total: counts.append((done, total)),
+    )
+    assert stages[0].startswith("NLL (subset) on 40 test images")  # each stage announced
+    assert counts == [(20, 40), (40, 40)]  # the NLL's images, one batch at a time
     assert result["nll_kind"].startswith("unbiased estimate from 5 of T=50")
     assert result["nll_bpd"] > 0 and result["nll_stderr"] > 0
     assert "fid" not in result and result["digits_fd"] > 0  # honest name: not Inception FID
@@ -183,3 +197,97 @@ def test_a_trial_eval_point_names_its_metrics_and_keeps_its_grid(tmp_path, monke
         study_config(grid_samples=0), diffusion, model, cpu, step=1, final=False
     )
     assert no_grid.grid is None
+
+
+# ---------------------------------------------------------------- sharding over workers
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("count", [0, 1, 63, 64, 65, 200])
+def test_shards_cover_every_index_once_in_fixed_chunks(world, count):
+    ranks = [Shard(r, world).chunks(count, 64) for r in range(world)]
+    chunks = [c for rank in ranks for c in rank]
+    assert [i for c in chunks for i in c] == list(range(count))  # rank order = index order
+    assert chunks == Shard().chunks(count, 64)  # the same chunks whatever the world size
+    assert max(len(r) for r in ranks) - min(len(r) for r in ranks) <= 1
+
+
+def test_shard_refuses_a_rank_outside_the_world():
+    with pytest.raises(ValueError, match="out of range"):
+        Shard(2, 2)
+    with pytest.raises(ValueError, match="size"):
+        Shard().chunks(10, 0)
+
+
+def test_samples_and_nll_of_shards_evaluated_apart_equal_the_whole(tmp_path, monkeypatch):
+    """Without a process group: each rank's chunks computed separately and concatenated in
+    rank order give exactly the one-worker samples and per-image bits/dim."""
+    cfg = study_config()
+    torch.manual_seed(0)
+    model = UNet(cfg.model_config()).eval()
+    diffusion, cpu = cfg.diffusion.build(), torch.device("cpu")
+    real_x = to_model_range(load_real_images("digits", "test", 20))
+
+    def samples(shard):
+        chunks = shard.chunks(20, 8)
+        kw = {"steps": "5", "entropy": (0, 9), "device": cpu}
+        return torch.cat([draw_samples(diffusion, model, c, (1, 8, 8), **kw) for c in chunks])
+
+    def nll(shard):
+        chunks = shard.chunks(20, 8)
+        return nll_per_image(
+            diffusion,
+            model,
+            [real_x[c.start : c.stop] for c in chunks],
+            kind="subset",
+            timesteps_per_image=4,
+            seed=3,
+            image_seeds=[j for c in chunks for j in c],
+        )
+
+    for world in (2, 3):
+        shards = [Shard(r, world) for r in range(world)]
+        assert torch.equal(torch.cat([samples(s) for s in shards]), samples(Shard()))
+        assert np.array_equal(np.concatenate([nll(s) for s in shards]), nll(Shard()))
+
+
+def _eval_point_rank(rank: int, world: int, init: str, cfg_dict: dict, out: str) -> None:
+    """One rank of a real gloo process group: the final eval point (NLL, FD, P/R, study)."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        cfg = TrialConfig.from_dict(cfg_dict)
+        torch.manual_seed(0)
+        model = UNet(cfg.model_config()).eval()
+        result = evaluate_trial(
+            cfg, cfg.diffusion.build(), model, torch.device("cpu"), step=5, final=True
+        )
+        torch.save({"metrics": result.metrics, "grid": result.grid}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_an_eval_point_on_two_processes_equals_one_process(tmp_path, monkeypatch):
+    """Every metric of a final eval point (NLL, FD, precision/recall, sampling study) and
+    its grid are the same on one process and on each rank of a 2-process gloo group."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = study_config(fid_samples=80, nll_images=70, grid_samples=70, sampling=["5", "ddim5"])
+    get_feature_extractor("digits")  # trains and caches the classifier once, before the ranks
+    init = f"file://{tmp_path / 'pg'}"
+    torch.multiprocessing.spawn(
+        _eval_point_rank, args=(2, init, cfg.to_dict(), str(tmp_path)), nprocs=2, join=True
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = UNet(cfg.model_config()).eval()
+        one = evaluate_trial(
+            cfg, cfg.diffusion.build(), model, torch.device("cpu"), step=5, final=True
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert len([k for k in one.metrics if k.startswith("sampling/")]) == 2
+    assert one.model_forwards == 70 * 5 + 80 * 5 + 2 * 80 * 5
+    for rank in (0, 1):
+        two = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert two["metrics"] == one.metrics  # exactly equal, every metric
+        assert torch.equal(two["grid"], one.grid)

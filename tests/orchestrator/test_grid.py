@@ -91,6 +91,18 @@ def test_bundled_sweeps_validate_and_dry_run(tmp_path, capsys, name):
     plan = expand(spec)
     assert f"{len(plan.cells)} cells in {len(plan.trials)} trials" in out
     assert all(c.id in out for c in plan.cells) and "train FLOPs" in out
+    assert "eval FLOPs" in out and "GPU-h" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("c")}
+    costs = [t.cost(spec.cost) for t in plan.trials]
+    for trial, cost in zip(plan.trials, costs, strict=True):
+        assert cost.eval_flops > 0 and cost.gpu_hours > 0
+        last = next(c.id for c in trial.cells if trial.cell_steps[c.id] == trial.steps)
+        assert f" {cost.eval_flops:.3g} " in rows[last] and f" {cost.gpu_hours:.3g} " in rows[last]
+    train, evals = sum(c.train_flops for c in costs), sum(c.eval_flops for c in costs)
+    assert train == plan.trial_flops
+    share = round(100 * evals / (train + evals))
+    assert f"+ {evals:.3g} evaluation FLOPs ({share}%)" in out
+    assert f"{sum(c.gpu_hours for c in costs):.3g} GPU-hours at 125 TFLOP/s" in out
     assert not ray.is_initialized() and not (tmp_path / "diffscale_runs").exists()
 
 

@@ -1,5 +1,7 @@
 """ShardLoader: DDP partitioning, seeded order, exact resume, flips, streaming."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -179,3 +181,49 @@ def test_bad_arguments_are_named(toy, tmp_path):
         ShardLoader(toy, "test", 4, rank=0, world_size=1, seed=0)
     with pytest.raises(FileNotFoundError, match=r"no manifest\.json"):
         ShardLoader(str(tmp_path / "missing"), "train", 4, rank=0, world_size=1, seed=0)
+
+
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "ShardLoader-prefetch" and t.is_alive()]
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetch_yields_the_same_batches_and_states(toy, depth):
+    """Across two epoch ends (12 batches per epoch), with flips: equal batches, and the
+    state after each batch names the caller's next batch, not the thread's."""
+    kwargs = dict(rank=1, world_size=2, seed=7, flip=True, drop_last=False)
+    plain = ShardLoader(toy, "train", 4, **kwargs)
+    ahead = ShardLoader(toy, "train", 4, prefetch=depth, **kwargs)
+    it_plain, it_ahead = plain.batches(), ahead.batches()
+    for _ in range(30):
+        (x, y), (x_ref, y_ref) = next(it_ahead), next(it_plain)
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+        assert ahead.state_dict() == plain.state_dict()
+    assert _prefetch_threads()
+    it_ahead.close()
+    assert not _prefetch_threads()  # closing the iterator stops its thread
+    assert [y.tolist() for _, y in ahead] == [y.tolist() for _, y in plain]  # one epoch
+
+
+@pytest.mark.parametrize("stop", [1, 11, 12, 13])
+def test_resume_with_prefetch_is_exact(toy, stop):
+    kwargs = dict(rank=0, world_size=2, seed=2, flip=True, drop_last=False, prefetch=2)
+    reference = _run(ShardLoader(toy, "train", 4, **kwargs), 26)
+    first = ShardLoader(toy, "train", 4, **kwargs)
+    _run(first, stop)  # its thread has read ahead of `stop` meanwhile
+    resumed = ShardLoader(toy, "train", 4, **kwargs)
+    resumed.load_state_dict(first.state_dict())
+    for (x, y), (x_ref, y_ref) in zip(_run(resumed, 26 - stop), reference[stop:], strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_prefetch_raises_the_threads_error(tmp_path):
+    uri = _make(tmp_path, n=40, shard_size=10)
+    loader = ShardLoader(uri, "train", 4, rank=0, world_size=1, seed=0, prefetch=1)
+    for shard in (tmp_path / "train").glob("*.parquet"):
+        shard.write_bytes(b"not parquet")
+    with pytest.raises(Exception, match=r"checksum|sha256|parquet|Parquet"):
+        list(loader)
+    assert not _prefetch_threads()
+    with pytest.raises(ValueError, match=r"prefetch: got -1"):
+        ShardLoader(uri, "train", 4, rank=0, world_size=1, seed=0, prefetch=-1)

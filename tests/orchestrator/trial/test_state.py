@@ -124,6 +124,7 @@ def test_the_files_keep_the_checkpoint_layout(saved):
         "step": 40,
         "images": 1280,
         "flops": 123_456_789_012,
+        "eval_flops": 0,
         "mlflow_run_id": "0123abcd",
         "config": {"name": "t", "train": {"seed": 3}},
         "world_size": WORLD,
@@ -154,3 +155,29 @@ def test_a_missing_rank_manifest_is_refused(saved):
     (directory / CHECKPOINT_RANK_MANIFEST.format(rank=1)).unlink()
     with pytest.raises(CheckpointError, match="incomplete checkpoint"):
         TrialState.load(directory, rank=0)
+
+
+def test_an_older_checkpoint_without_eval_flops_loads_as_zero(saved):
+    """Checkpoints written before evaluation compute was counted still restore."""
+    directory, _ = saved
+    meta = json.loads((directory / CHECKPOINT_META).read_text())
+    del meta["eval_flops"]
+    (directory / CHECKPOINT_META).write_text(json.dumps(meta))
+    assert TrialState.load(directory, rank=0, verify=False).eval_flops == 0
+
+
+def test_a_gpu_ranks_cuda_rng_is_kept_and_a_cpu_rank_writes_none(tmp_path):
+    """On a GPU the CUDA generator (dropout) is saved beside the CPU one; on the CPU the
+    file keeps its three entries."""
+    state = rank_state(0)
+    cuda = torch.arange(16, dtype=torch.uint8)  # stands in for torch.cuda.get_rng_state()
+    with_cuda = TrialState(
+        **{**state.__dict__, "rng": RankRng(**{**state.rng.__dict__, "cuda": cuda})}
+    )
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "cpu").mkdir()  # Ray hands each rank an existing checkpoint directory
+    with_cuda.save(tmp_path / "gpu")
+    loaded = TrialState.load(tmp_path / "gpu", rank=0, verify=False)  # rank 1 wrote nothing
+    assert torch.equal(loaded.rng.cuda, cuda)
+    state.save(tmp_path / "cpu")
+    assert TrialState.load(tmp_path / "cpu", rank=0, verify=False).rng.cuda is None

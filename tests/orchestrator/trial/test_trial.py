@@ -123,6 +123,9 @@ def test_trial_logs_every_metric_and_survives_a_killed_worker_exactly(env):
         assert history(env, "ref", key)[1], key
     for key in ("eval/nll_bpd", "eval/digits_fd", "eval/precision", "eval/recall"):
         assert [s for s, _ in history(env, "ref", key)[1]] == [1, 100], key
+    eval_flops = history(env, "ref", "compute/eval_flops")[1]
+    assert [s for s, _ in eval_flops] == [1, 100]  # cumulative, at each eval point
+    assert 0 < eval_flops[0][1] < eval_flops[1][1]
     assert run.data.params["train.lr"] == "0.001" and run.info.status == "FINISHED"
     # `diffscale eval` reads a trial checkpoint: the same EMA weights, the trial's process
     evaluable = load_model_checkpoint(ref.checkpoint.path)
@@ -157,6 +160,8 @@ def test_trial_logs_every_metric_and_survives_a_killed_worker_exactly(env):
     for a, b in zip(final_weights(ref), final_weights(result), strict=True):
         for key in a:
             assert torch.equal(a[key], b[key]), key
+    # the evaluation compute is carried through the restore, not restarted from zero
+    assert history(env, "killed", "compute/eval_flops")[1] == eval_flops
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(env):
