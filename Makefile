@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.diffscale-installed
 
-.PHONY: demo test lint format bench clean-venv
+.PHONY: demo test lint format bench bench-gpu clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,9 @@ demo: $(STAMP)
 	$(BIN)/diffscale submit sweeps/demo.yaml
 	$(BIN)/diffscale fit demo --metric eval/nll_bpd --min-compute 4e11
 	@echo "Curves: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (experiment 'demo')"
-	@echo "Plots:  outputs/analysis/demo/*.png (also on the sweep's MLflow parent run, under analysis/)"
-	@echo "More:   $(BIN)/diffscale status demo; $(BIN)/diffscale table demo; $(BIN)/diffscale fit demo --metric fid"
+	@echo "Plots:  outputs/analysis/demo/nll_bpd-vs-compute-henighan/*.png (also on the sweep's MLflow parent run, under analysis/nll_bpd-vs-compute-henighan/)"
+	@echo "Samples: one grid per trial and eval point, under mlruns/<experiment>/<run>/artifacts/samples/ (listed above)"
+	@echo "More:   $(BIN)/diffscale status demo; $(BIN)/diffscale table demo; $(BIN)/diffscale fit demo --metric fid (its own folder); $(BIN)/diffscale eval demo --cell c00"
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -32,6 +33,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/bits_per_dim.py
 	$(BIN)/python benchmarks/loader.py
+
+bench-gpu: $(STAMP)  # on a machine with a GPU: benchmarks/results/gpu.json (under 6 minutes)
+	bash benchmarks/gpu.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from tabulate import tabulate
 
@@ -15,7 +17,9 @@ from diffusion.likelihood import NLL_KINDS
 from diffusion.metrics.registry import FEATURE_EXTRACTORS
 from diffusion.sampling import SAMPLING_METHODS
 from orchestrator.analysis.commands import add_parsers as add_analysis_parsers
+from orchestrator.analysis.optimal import add_parser as add_isoflop_parser
 from orchestrator.names import EVAL_RESULT_FILE
+from orchestrator.progress import Ticker
 from orchestrator.sweep.commands import add_parsers as add_sweep_parsers
 
 
@@ -127,12 +131,26 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from orchestrator.evaluate import EvalOptions, evaluate_checkpoint
+    from orchestrator.evaluate import (
+        EvalOptions,
+        evaluate_checkpoint,
+        evaluate_on_workers,
+        torch_threads,
+    )
 
+    for flag, value in (("--workers", args.workers), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            print(f"diffscale eval: error: {flag}: must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        checkpoint, data, split = _eval_target(args)
+    except ValueError as e:
+        print(f"diffscale eval: error: {e}", file=sys.stderr)
+        return 2
     try:
         options = EvalOptions(
-            data=args.data,
-            split=args.split,
+            data=data,
+            split=split,
             num_images=args.num_images,
             nll=args.nll,
             nll_timesteps=args.nll_timesteps,
@@ -143,15 +161,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             k=args.k,
             batch_size=args.batch_size,
             seed=args.seed,
-            device=args.device,
+            device="cuda" if args.gpu else args.device,
+            sampling=tuple(args.sampling),
         )
     except ValueError as e:
         print(f"diffscale eval: error: {e}", file=sys.stderr)
         return 2
-    out = args.out or str(Path(args.checkpoint) / "eval")
-    say = None if args.json else (lambda msg: print(f"  {msg} ...", file=sys.stderr))
+    out = args.out or str(Path(checkpoint) / "eval")
+    ticker = None if args.json else Ticker()
     try:
-        r = evaluate_checkpoint(args.checkpoint, options, out, progress=say)
+        with ticker or contextlib.nullcontext():
+            if args.workers > 1:  # Ray Train workers, each evaluating its share
+                r = evaluate_on_workers(
+                    checkpoint,
+                    options,
+                    out,
+                    workers=args.workers,
+                    use_gpu=args.gpu,
+                    cpus_per_worker=args.threads,
+                )
+            else:
+                with torch_threads(args.threads):
+                    r = evaluate_checkpoint(
+                        checkpoint,
+                        options,
+                        out,
+                        progress=ticker.stage if ticker else None,
+                        count=ticker.count if ticker else None,
+                    )
     except (ValueError, OSError, RuntimeError) as e:
         print(f"diffscale eval: error: {e}", file=sys.stderr)
         return 2
@@ -167,11 +204,50 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         [fd_key, f"{r[fd_key]:.4f}", fd_how],
         ["precision", f"{r['precision']:.4f}", f"k={options.k}"],
         ["recall", f"{r['recall']:.4f}", f"k={options.k}"],
+        *[[name, f"{fd:.4f}", "sampling study"] for name, fd in r["sampling"].items()],
         ["samples", r["samples_png"], ""],
     ]
     print(tabulate(rows, headers=["metric", "value", "how"]))
     print(f"wrote {Path(out) / EVAL_RESULT_FILE}")
     return 0
+
+
+def _eval_target(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(checkpoint directory, dataset, split) of ``diffscale eval``: a path, or with ``--cell`` the
+    checkpoint a sweep's trial wrote at that cell's step."""
+    if args.cell is None:
+        if not Path(args.checkpoint).exists():
+            hint = "a checkpoint directory (e.g. outputs/demo/checkpoint)"
+            if _sweep_exists(args.checkpoint, args.storage):
+                hint = f"a cell: `diffscale eval {args.checkpoint} --cell c00`"
+            raise ValueError(f"{args.checkpoint} does not exist; give {hint}")
+        return args.checkpoint, args.data or "digits", args.split or "test"
+    from orchestrator.sweep.store import SweepError, cell_checkpoint, store_for
+
+    try:
+        trial, step, uri, config = cell_checkpoint(
+            store_for(args.checkpoint, args.storage), args.cell
+        )
+    except SweepError as e:
+        raise ValueError(str(e)) from None
+    if "://" in uri or not Path(uri).is_dir():
+        raise ValueError(
+            f"cell {args.cell}: trial {trial}'s checkpoint at step {step} ({uri}) is not a "
+            "local directory: has the trial reached that step? (`diffscale status "
+            f"{args.checkpoint}`)"
+        )
+    print(f"cell {args.cell}: trial {trial}, step {step}: {uri}", file=sys.stderr)
+    return uri, args.data or config["data"]["dataset"], args.split or config["data"]["eval_split"]
+
+
+def _sweep_exists(name: str, storage_path: str | None) -> bool:
+    from orchestrator.names import SWEEP_RECORD
+    from orchestrator.sweep.store import store_for
+
+    try:
+        return "/" not in name and store_for(name, storage_path).exists(SWEEP_RECORD)
+    except (OSError, ValueError):
+        return False
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -181,8 +257,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = TrialConfig.from_yaml(args.config)
         if args.set:
             cfg = cfg.with_overrides(args.set)
-    except (ConfigError, OSError) as e:
+    except ConfigError as e:
         print(f"diffscale train: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        what = "does not exist" if isinstance(e, FileNotFoundError) else f"cannot be read ({e})"
+        print(
+            f"diffscale train: error: {args.config} {what}; give a trial YAML "
+            "(e.g. sweeps/trial_digits.yaml)",
+            file=sys.stderr,
+        )
         return 2
     from orchestrator.trial import run_trial
 
@@ -203,8 +287,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a suggestion for a mistyped choice: ``sumbit`` -> ``submit``."""
+
+    def error(self, message: str) -> NoReturn:
+        import difflib
+        import re
+
+        found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if found:
+            choices = re.findall(r"'([^']*)'", found[2])
+            close = difflib.get_close_matches(found[1], choices, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            message = f"unknown choice {found[1]!r}: {hint}(one of: {', '.join(choices)})"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="diffscale",
         description="Scaling studies of Improved DDPM (Nichol & Dhariwal 2021).",
     )
@@ -256,9 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
         "unbiased subset estimate), Frechet distance and improved precision/recall of "
         "strided samples, and a sample grid PNG.",
     )
-    ev.add_argument("checkpoint", help="checkpoint directory (e.g. outputs/demo/checkpoint)")
-    ev.add_argument("--data", default="digits", help="'digits' or a prepared dataset URI")
-    ev.add_argument("--split", default="test", help="split of the real images")
+    ev.add_argument(
+        "checkpoint",
+        help="checkpoint directory (e.g. outputs/demo/checkpoint), or a sweep name with --cell",
+    )
+    ev.add_argument("--cell", help="with a sweep name: the grid cell's checkpoint (e.g. c01)")
+    ev.add_argument(
+        "--storage", help="with --cell: the sweep's storage.path (default ./diffscale_runs)"
+    )
+    ev.add_argument(
+        "--data",
+        default=None,
+        help="'digits' or a prepared dataset URI (default: the cell's dataset, else digits)",
+    )
+    ev.add_argument(
+        "--split", default=None, help="split of the real images (default: the cell's, else test)"
+    )
     ev.add_argument("--num-images", type=int, default=256, help="real images (NLL, stats)")
     ev.add_argument("--nll", default="subset", choices=list(NLL_KINDS))
     ev.add_argument("--nll-timesteps", type=int, default=50, help="subset: terms per image")
@@ -275,6 +388,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="cpu")
+    ev.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Ray Train workers sharing the evaluation (1: this process, no Ray)",
+    )
+    ev.add_argument("--gpu", action="store_true", help="one GPU per worker (device cuda)")
+    ev.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per worker (default: all cores / workers); CPU results are "
+        "bit-identical for any --workers at the same --threads",
+    )
+    ev.add_argument(
+        "--sampling",
+        nargs="+",
+        default=[],
+        metavar="SAMPLER",
+        help="the sampling-steps study: FD of each sampler ('100', 'ddim50', '100@fixed_large')",
+    )
     ev.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/eval)")
     ev.add_argument("--json", action="store_true", help="print one JSON document")
     ev.set_defaults(func=_cmd_eval)
@@ -298,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep_parsers(sub)
     add_analysis_parsers(sub)
+    add_isoflop_parser(sub)
     return parser
 
 

@@ -50,6 +50,7 @@ PERF_TRAIN_TIME_FRACTION = "perf/train_time_fraction"
 COMPUTE_PREFIX = "compute/"
 COMPUTE_IMAGES = "compute/images"
 COMPUTE_FLOPS = "compute/flops"
+COMPUTE_EVAL_FLOPS = "compute/eval_flops"  # cumulative FLOPs of the eval points so far
 
 REPORT_STEP = "step"  # beside the metrics in each ray.train.report (not logged to MLflow)
 
@@ -88,6 +89,13 @@ CHECKPOINT_STATE = "trainer_state.pt"  # a trial's, rank 0: model, EMA, optimize
 CHECKPOINT_RNG = "rng_rank{rank}.pt"  # a trial's: each rank's RNG states and log window
 CHECKPOINT_RANK_MANIFEST = "manifest_rank{rank}.json"  # a trial's: sha256 of one rank's files
 CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's checkpoint folders in a trial's run folder
+CHECKPOINT_SCORE = "checkpoint_score"  # beside a checkpoint's report: which ones Ray keeps
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """``checkpoint_step<step, 8 digits>``: a trial's checkpoint folder, named by its step."""
+    return f"{CHECKPOINT_PREFIX}step{step:08d}"
+
 
 # a trial's storage, beside its run folder
 DATASETS_DIR = "datasets"  # storage/datasets/<name>: a built-in dataset prepared as shards
@@ -100,6 +108,11 @@ def samples_grid_file(step: int) -> str:
     """``samples_<step, 8 digits>.png``: the sample grid a trial logs at an eval point."""
     return f"samples_{step:08d}.png"
 
+
+# diffscale fit's outputs: outputs/analysis/NAME/<fit name>/ and analysis/<fit name>/ on the
+# sweep's parent run (one folder per metric, x axis and form)
+ANALYSIS_ARTIFACT_DIR = "analysis"
+ANALYSIS_FIT_FILE = "fit.json"
 
 # diffscale eval's outputs
 EVAL_RESULT_FILE = "eval.json"

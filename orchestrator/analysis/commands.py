@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from orchestrator.analysis.fit import FORMS
 from orchestrator.analysis.paper import ablation_rows, human_count
 from orchestrator.analysis.query import QueryError, load_runs, metric_columns
 from orchestrator.names import (
+    ANALYSIS_FIT_FILE,
     COMPUTE_FLOPS,
     COMPUTE_IMAGES,
     COMPUTE_PREFIX,
@@ -37,7 +39,7 @@ from orchestrator.names import (
     SIZE_TAG,
 )
 
-__all__ = ["add_parsers", "cmd_fit", "cmd_table"]
+__all__ = ["add_parsers", "cmd_fit", "cmd_table", "fit_name"]
 
 METRIC_ALIASES = {"nll": EVAL_NLL, "fid": EVAL_FID}
 FD_FALLBACK = {EVAL_FID: EVAL_DIGITS_FD}  # the digits dataset logs a digits-feature FD
@@ -45,11 +47,11 @@ PARAMS_COL, FLOPS_COL, IMAGES_COL = f"params.{MODEL_PARAMS_PARAM}", COMPUTE_FLOP
 TABLE_COLUMNS = ("Iters", "T", "Schedule", "Objective", "NLL", "FID", "paper NLL", "paper FID")
 
 
-class _BadInput(ValueError):
+class BadInput(ValueError):
     """User input the command refuses (exit 2)."""
 
 
-def _err(cmd: str, msg: object) -> None:
+def print_error(cmd: str, msg: object) -> None:
     print(f"diffscale {cmd}: error: {msg}", file=sys.stderr)
 
 
@@ -63,7 +65,7 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _dumps(doc: dict[str, Any]) -> str:
+def dumps(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, default=_jsonable, allow_nan=True)
 
 
@@ -74,7 +76,7 @@ def _valid(table: pa.Table, col: str) -> bool:
     return col in table.column_names and table.column(col).null_count < table.num_rows
 
 
-def _resolve_metric(table: pa.Table, metric: str) -> str:
+def resolve_metric(table: pa.Table, metric: str) -> str:
     metric = METRIC_ALIASES.get(metric, metric)
     if _valid(table, metric):
         return metric
@@ -82,13 +84,13 @@ def _resolve_metric(table: pa.Table, metric: str) -> str:
     if fallback and _valid(table, fallback):
         return fallback
     logged = [c for c in metric_columns(table) if _valid(table, c)]
-    raise _BadInput(
+    raise BadInput(
         f"metric {metric!r} was not logged; metrics with values: {', '.join(logged) or 'none'} "
         f"(aliases: {', '.join(f'{k}={v}' for k, v in METRIC_ALIASES.items())})"
     )
 
 
-def _floats(table: pa.Table, col: str) -> np.ndarray:
+def float_column(table: pa.Table, col: str) -> np.ndarray:
     """A column as float64 ``[R]`` (strings parsed; null, 'null' or unparsable -> nan)."""
     if col not in table.column_names:
         return np.full(table.num_rows, np.nan)
@@ -124,7 +126,7 @@ def _predictions(fit: Any, form: str, values: list[float] | None) -> list[dict[s
         return []
     if form == "chinchilla":
         if len(values) % 2:
-            raise _BadInput("--form chinchilla: --predict takes pairs N D (an even count)")
+            raise BadInput("--form chinchilla: --predict takes pairs N D (an even count)")
         points = [values[i : i + 2] for i in range(0, len(values), 2)]
         args = (np.array([p[0] for p in points]), np.array([p[1] for p in points]))
         keys = [{"N": p[0], "D": p[1]} for p in points]
@@ -132,7 +134,7 @@ def _predictions(fit: Any, form: str, values: list[float] | None) -> list[dict[s
         args = (np.asarray(values, dtype=float),)
         keys = [{"x": v} for v in values]
     if any(v <= 0 for v in values):
-        raise _BadInput(f"--predict values must be positive, got {values}")
+        raise BadInput(f"--predict values must be positive, got {values}")
     mid = np.atleast_1d(fit.predict(*args))
     lo, hi = (np.atleast_1d(a) for a in fit.predict_interval(*args))
     return [
@@ -145,25 +147,28 @@ def _fit_sweep(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any]
     """Load the sweep, fit, plot. Returns (FitResult, extra JSON fields, plot paths)."""
     x = args.x or "compute"
     if x not in ("compute", "params"):
-        raise _BadInput(f"--x for a sweep must be 'compute' or 'params', got {x!r}")
+        raise BadInput(f"--x for a sweep must be 'compute' or 'params', got {x!r}")
     wanted = METRIC_ALIASES.get(args.metric, args.metric)
     # train/* can be long and is not needed
     keys = [wanted, f"{EVAL_PREFIX}*", f"{COMPUTE_PREFIX}*", f"{SAMPLING_PREFIX}*"]
     table = load_runs(args.name, tracking_uri=args.tracking_uri, metrics=keys)
     if table.num_rows == 0:
-        raise _BadInput(f"experiment {args.name!r} has no trial runs")
-    metric = _resolve_metric(table, args.metric)
-    y, compute = _floats(table, metric), _floats(table, FLOPS_COL)
-    n, group = _floats(table, PARAMS_COL), _groups(table)
+        raise BadInput(f"experiment {args.name!r} has no trial runs")
+    metric = resolve_metric(table, args.metric)
+    x_name = "params-data" if args.form == "chinchilla" else x
+    name = fit_name(metric, x_name, args.form, all_points=not args.frontier and x == "compute")
+    out = out / name
+    y, compute = float_column(table, metric), float_column(table, FLOPS_COL)
+    n, group = float_column(table, PARAMS_COL), _groups(table)
     keep = np.isfinite(y) & (y > 0) & np.isfinite(compute) & (compute > args.min_compute)
     if x == "params" or args.form == "chinchilla":
         keep &= np.isfinite(n) & (n > 0)
     if args.form == "chinchilla":
-        images = _floats(table, IMAGES_COL)
+        images = float_column(table, IMAGES_COL)
         keep &= np.isfinite(images) & (images > 0)
     if not keep.any():
         need = f"{metric}, {FLOPS_COL}" + (f", {PARAMS_COL}" if x == "params" else "")
-        raise _BadInput(f"experiment {args.name!r}: no step has positive values of {need}")
+        raise BadInput(f"experiment {args.name!r}: no step has positive values of {need}")
     y, compute, n, group = y[keep], compute[keep], n[keep], group[keep]
     kw = {
         "seed": args.seed,
@@ -172,7 +177,7 @@ def _fit_sweep(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any]
     frontier = F.compute_frontier(compute, y, group)
     desc = f"{metric} vs {'training compute' if x == 'compute' else 'parameters'}"
     if args.form == "chinchilla":
-        result = F.fit_chinchilla(n, _floats(table, IMAGES_COL)[keep], y, **kw)
+        result = F.fit_chinchilla(n, float_column(table, IMAGES_COL)[keep], y, **kw)
         desc = f"{metric} as L(N = {PARAMS_COL}, D = {IMAGES_COL})"
     elif x == "params":
         result = F.fit_by_size(n, compute, y, form=args.form, **kw)
@@ -210,7 +215,14 @@ def _fit_sweep(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any]
         )
     sampling = report.plot_sampling_steps(table, out / "sampling.png", title=args.name)
     plots += [sampling] if sampling else []
-    extra = {"experiment": args.name, "metric": metric, "x": x, "description": desc}
+    extra = {
+        "experiment": args.name,
+        "metric": metric,
+        "x": x,
+        "description": desc,
+        "fit_name": name,
+        "out_dir": str(out),
+    }
     return result, extra, plots
 
 
@@ -222,15 +234,20 @@ def _fit_table(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any]
     needed = ("n", "d", "loss") if args.form == "chinchilla" else ("x", "y")
     missing = [f"--{k}" for k in needed if not getattr(args, k)]
     if missing:
-        raise _BadInput(f"--table with --form {args.form} needs {' '.join(missing)} (column names)")
+        raise BadInput(f"--table with --form {args.form} needs {' '.join(missing)} (column names)")
     try:
         table = F.load_table(args.table)  # ValueError naming the file
         cols = F.table_columns(table, *(getattr(args, k) for k in needed))
     except ValueError as exc:
-        raise _BadInput(f"{args.table}: {exc}") from exc
+        raise BadInput(f"{args.table}: {exc}") from exc
+    x_col = f"{args.n}-{args.d}" if args.form == "chinchilla" else args.x
+    name = fit_name(args.loss if args.form == "chinchilla" else args.y, x_col, args.form)
+    out = out / name
     extra: dict[str, Any] = {
         "table": str(args.table),
         "columns": [getattr(args, k) for k in needed],
+        "fit_name": name,
+        "out_dir": str(out),
     }
     if args.form == "chinchilla":
         result = F.fit_chinchilla(*cols, **kw)
@@ -254,10 +271,10 @@ def _fit_table(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any]
 def cmd_fit(args: argparse.Namespace) -> int:
     """``diffscale fit``: see the subcommand's help."""
     if bool(args.name) == bool(args.table):
-        _err("fit", "give exactly one of NAME (a sweep's MLflow experiment) or --table FILE")
+        print_error("fit", "give exactly one of NAME (a sweep's MLflow experiment) or --table FILE")
         return 2
     if args.bootstrap is not None and args.bootstrap < 0:
-        _err("fit", f"--bootstrap must be >= 0, got {args.bootstrap}")
+        print_error("fit", f"--bootstrap must be >= 0, got {args.bootstrap}")
         return 2
     source = args.name or Path(args.table).stem
     out = Path(args.out or Path("outputs") / "analysis" / source)
@@ -268,24 +285,28 @@ def cmd_fit(args: argparse.Namespace) -> int:
         doc = {**result.to_dict(), **extra, "plots": [str(p) for p in plots]}
         if args.predict:
             doc["predictions"] = predictions
+        out = Path(extra["out_dir"])  # this fit's own folder: other fits are left alone
         out.mkdir(parents=True, exist_ok=True)
-        fit_json = out / "fit.json"
-        fit_json.write_text(_dumps(doc))
+        fit_json = out / ANALYSIS_FIT_FILE
+        fit_json.write_text(dumps(doc))
         logged_to = None
+        artifact_path = f"{report.ARTIFACT_DIR}/{extra['fit_name']}"
         if args.name and not args.no_log:
             try:
-                logged_to = report.log_report(args.name, args.tracking_uri, [*plots, fit_json])
+                logged_to = report.log_report(
+                    args.name, args.tracking_uri, [*plots, fit_json], artifact_path=artifact_path
+                )
             except QueryError as exc:
                 print(f"diffscale fit: warning: not logged to MLflow: {exc}", file=sys.stderr)
         doc["logged_to_run"] = logged_to
-    except ValueError as exc:  # _BadInput, QueryError, and data the fitter refuses
-        _err("fit", exc)
+    except ValueError as exc:  # BadInput, QueryError, and data the fitter refuses
+        print_error("fit", exc)
         return 2
     except (MlflowException, OSError, RuntimeError) as exc:
-        _err("fit", f"{type(exc).__name__}: {exc}")
+        print_error("fit", f"{type(exc).__name__}: {exc}")
         return 1
     if args.json:
-        print(_dumps(doc))
+        print(dumps(doc))
         return 0
     print(f"diffscale fit: {extra.get('experiment') or extra.get('table')}: {extra['description']}")
     print(report.fit_table(result))
@@ -293,10 +314,30 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for p in predictions:
         at = f"N={p['N']:.4g}, D={p['D']:.4g}" if "N" in p else f"x={p['x']:.4g}"
         print(f"prediction at {at}: {p['value']:.6g} [{p['low']:.6g}, {p['high']:.6g}]")
-    print(f"wrote {', '.join(str(p) for p in [*plots, fit_json])}")
+    print(f"plots and fit (in {out}/):")
+    for path in [*plots, fit_json]:
+        print(f"  {path}")
     if logged_to:
-        print(f"logged to MLflow run {logged_to} under {report.ARTIFACT_DIR}/")
+        print(f"logged to MLflow run {logged_to} under {artifact_path}/")
+    if args.name:
+        grids = report.sample_grid_locations(args.name, args.tracking_uri)
+        if grids:
+            print("sample grids (per trial, one per eval point):")
+            for line in grids:
+                print(f"  {line}")
     return 0
+
+
+def fit_name(metric: str, x: str, form: str, *, all_points: bool = False) -> str:
+    """The folder of one fit's plots and JSON, on disk and under the parent run's
+    ``analysis/``: metric, x axis and form, e.g. ``nll_bpd-vs-compute-henighan``; fits of
+    other metrics, axes or forms never overwrite it, and re-running it replaces only it."""
+
+    def slug(text: str) -> str:
+        text = text.removeprefix(EVAL_PREFIX)
+        return re.sub(r"[^A-Za-z0-9_.]+", "_", text).strip("_") or "metric"
+
+    return f"{slug(metric)}-vs-{slug(x)}-{form}" + ("-all-points" if all_points else "")
 
 
 # -- table ----------------------------------------------------------------------------------
@@ -307,16 +348,16 @@ def cmd_table(args: argparse.Namespace) -> int:
     try:
         table = load_runs(args.name, tracking_uri=args.tracking_uri, metrics=[f"{EVAL_PREFIX}*"])
         if table.num_rows == 0:
-            raise _BadInput(f"experiment {args.name!r} has no trial runs")
+            raise BadInput(f"experiment {args.name!r} has no trial runs")
         rows = ablation_rows(table)
-    except (_BadInput, QueryError) as exc:
-        _err("table", exc)
+    except (BadInput, QueryError) as exc:
+        print_error("table", exc)
         return 2
     except (MlflowException, OSError) as exc:
-        _err("table", f"{type(exc).__name__}: {exc}")
+        print_error("table", f"{type(exc).__name__}: {exc}")
         return 1
     if args.json:
-        print(_dumps({"experiment": args.name, "columns": [*TABLE_COLUMNS, "trial"], "rows": rows}))
+        print(dumps({"experiment": args.name, "columns": [*TABLE_COLUMNS, "trial"], "rows": rows}))
         return 0
 
     def num(v: float | None, fmt: str) -> str:

@@ -16,6 +16,7 @@ The optimiser lives in :mod:`orchestrator.analysis.chinchilla`.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,6 +48,7 @@ __all__ = [
     "fit_chinchilla",
     "fit_power_law",
     "load_table",
+    "optimiser_message",
     "table_columns",
 ]
 
@@ -210,8 +212,9 @@ def _finish(
     warns: list[str] = []
     if not converged:
         warns.append(
-            f"the optimiser did not converge ({opt.message.strip() or 'no message'}; "
-            f"projected gradient {opt.pgrad:.3g}, tolerance {grad_tol:.3g})"
+            f"the optimiser did not converge: {optimiser_message(opt.message)} (projected "
+            f"gradient {opt.pgrad:.3g}, tolerance {grad_tol:.3g}); treat the parameters as "
+            "rough"
         )
     if n < 2 * p:
         warns.append(
@@ -283,9 +286,29 @@ def _finish(
         bootstrap=samples,
     )
     log.info("%s fit on %d points: %s, loss %.6g", form, n, result.params, result.loss)
-    for w in warns:
-        log.warning("%s fit: %s", form, w)
+    for w in warns:  # the caller shows them (the CLI prints each once)
+        log.info("%s fit: %s", form, w)
     return result
+
+
+def optimiser_message(message: str) -> str:
+    """SciPy's L-BFGS-B status in plain words: ``ABNORMAL: `` (a line search that found no
+    lower point) and the other codes become what they mean for the fit."""
+    text = message.strip()
+    known = {
+        "ABNORMAL": "the line search could not lower the loss any further (the optimum is "
+        "flat or at a search bound)",
+        "STOP: TOTAL NO. OF ITERATIONS": "it stopped at the iteration limit",
+        "STOP: TOTAL NO. OF F,G EVALUATIONS": "it stopped at the evaluation limit",
+        "NaN": "the loss became non-finite",
+        "CONVERGENCE": "it stopped because the loss stopped falling, with the gradient still "
+        "above tolerance",
+    }
+    for key, plain in known.items():
+        if text.upper().startswith(key.upper()):
+            return plain
+    text = re.sub(r"^[A-Z_ ]+:\s*", "", text).rstrip(";. ")
+    return text.lower() if text else "no reason given"
 
 
 def fit_power_law(

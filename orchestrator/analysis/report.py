@@ -22,11 +22,25 @@ from mlflow import MlflowClient
 from tabulate import tabulate
 
 from orchestrator.analysis.query import QueryError, experiment_id
-from orchestrator.names import ROLE_SWEEP, ROLE_TAG, SAMPLING_PREFIX, TRIAL_TAG
+from orchestrator.names import (
+    ANALYSIS_ARTIFACT_DIR,
+    EVAL_DIGITS_FD,
+    EVAL_FID,
+    EVAL_NLL,
+    EVAL_NLL_FULL,
+    EVAL_PREFIX,
+    ROLE_SWEEP,
+    ROLE_TAG,
+    ROLE_TRIAL,
+    SAMPLES_ARTIFACT_DIR,
+    SAMPLING_PREFIX,
+    TRIAL_TAG,
+)
 from orchestrator.tracking import resolve_tracking_uri, sweep_parent_run_id
 
 if TYPE_CHECKING:
     from orchestrator.analysis.fit import FitResult
+    from orchestrator.analysis.isoflop import ComputeOptimal
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +48,34 @@ __all__ = [
     "SAMPLING_PATTERN",
     "fit_summary",
     "fit_table",
+    "human_tick",
     "log_report",
+    "metric_label",
+    "plot_isoflop",
     "plot_metric_vs_compute",
     "plot_metric_vs_params",
     "plot_sampling_steps",
     "rows_table",
+    "sample_grid_locations",
     "sampling_curves",
 ]
 
-ARTIFACT_DIR = "analysis"
+ARTIFACT_DIR = ANALYSIS_ARTIFACT_DIR
 # sampling/<fd>/<method>/<steps>, logged once at a trial's final step
 SAMPLING_PATTERN = re.compile(
     rf"^{re.escape(SAMPLING_PREFIX)}(?P<fd>[^/]+)/(?P<method>[^/]+)/(?P<steps>\d+)$"
 )
-_DPI = 120
+_DPI = 240  # 1536 x 1152 pixels at the default 6.4 x 4.8 in: 2x a screen's 120 dpi
+
+# axis labels with units, by metric key (anything else is shown as its key)
+METRIC_LABELS = {
+    EVAL_NLL: "NLL (bits/dim)",
+    EVAL_NLL_FULL: "NLL, full bound (bits/dim)",
+    EVAL_FID: "FID (Inception features)",
+    EVAL_DIGITS_FD: "digits FD (Frechet distance, digits-classifier features)",
+}
+COMPUTE_LABEL = "training compute (FLOPs)"
+PARAMS_LABEL = "parameters"
 
 
 def _fmt(value: float) -> str:
@@ -93,12 +121,61 @@ def rows_table(
     )
 
 
+def metric_label(metric: str) -> str:
+    """The axis label of a metric key, with its unit: ``eval/nll_bpd`` -> NLL (bits/dim)."""
+    if metric in METRIC_LABELS:
+        return METRIC_LABELS[metric]
+    found = SAMPLING_PATTERN.match(metric)
+    if found:
+        return f"{found['fd']} ({found['method']}, {found['steps']} steps)"
+    return metric
+
+
 def _new_figure(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.add_subplot()
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(True, which="both", alpha=0.3)
     return fig, ax
+
+
+def _legend_outside(ax: Any) -> None:
+    """The legend under the figure (below the x label), never over the data or the band."""
+    n = len(ax.get_legend_handles_labels()[1])
+    ax.figure.legend(fontsize=8, loc="outside lower center", ncol=min(3, max(n, 1)))
+
+
+def human_tick(value: float, _pos: Any = None) -> str:
+    """A log-axis tick in engineering units: 7e5 -> 0.7M, 1e6 -> 1M, 3e12 -> 3T."""
+    if value <= 0 or not math.isfinite(value):
+        return ""
+    for scale, suffix in (
+        (1e18, "E"),
+        (1e15, "P"),
+        (1e12, "T"),
+        (1e9, "G"),
+        (1e6, "M"),
+        (1e3, "k"),
+    ):
+        if value >= 0.1 * scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:g}"
+
+
+def _human_log_axis(axis: Any) -> None:
+    """Engineering-unit ticks on a log axis; the minor ones labelled too when it spans
+    less than a decade (otherwise it would carry no label at all)."""
+    axis.set_major_formatter(FuncFormatter(human_tick))
+    lo, hi = axis.get_view_interval()
+    if lo > 0 and hi / lo < 30:  # label the minor ticks at 2, 3, 4, 5 and 7 x 10^k
+
+        def minor(value: float, pos: Any = None) -> str:
+            mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+            return human_tick(value) if mantissa in (2, 3, 4, 5, 7) else ""
+
+        axis.set_minor_formatter(FuncFormatter(minor))
+    else:
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
 def _plain_log_axes(ax: Any, *, x: bool = True, y: bool = True) -> None:
@@ -122,9 +199,19 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def _trend(ax: Any, fit: FitResult, lo: float, hi: float, label: str) -> None:
-    """The fitted curve over [lo, hi] (log-spaced) with its interval band."""
+    """The fitted curve over [lo, hi] (log-spaced) with its interval band; a fit that did
+    not converge or is poorly determined (any warning) is dashed, with a note under the
+    axes."""
     grid = np.geomspace(lo, hi, 200)
-    ax.plot(grid, fit.predict(grid), color="black", lw=1.5, label=label)
+    doubtful = not fit.converged or bool(fit.warnings)
+    if doubtful:
+        why = "did not converge" if not fit.converged else "is poorly determined"
+        label = f"{label} ({why.removeprefix('is ').replace('did not converge', 'not converged')})"
+        note = f"dashed: the fit {why} (warnings in its fit.json)"
+        ax.set_xlabel(f"{ax.get_xlabel()}\n{note}")  # under the axes, off the data
+    ax.plot(
+        grid, fit.predict(grid), color="black", lw=1.5, ls="--" if doubtful else "-", label=label
+    )
     if not any(np.isfinite(v).all() for v in fit.intervals.values()):
         return  # the fitter judged its bootstrap unusable (see fit.warnings)
     band_lo, band_hi = fit.predict_interval(grid)
@@ -161,9 +248,8 @@ def plot_metric_vs_compute(
         np.asarray(metric, float),
         np.asarray(group),
     )
-    fig, ax = _new_figure(
-        title or f"{metric_name} vs compute", "training compute (FLOPs)", metric_name
-    )
+    ylabel = metric_label(metric_name)
+    fig, ax = _new_figure(title or f"{ylabel} vs compute", COMPUTE_LABEL, ylabel)
     for g in sorted(set(group.tolist()), key=str):
         sel = group == g
         order = np.argsort(compute[sel])
@@ -176,7 +262,8 @@ def plot_metric_vs_compute(
     ax.set_xscale("log")
     ax.set_yscale("log")
     _plain_log_axes(ax, x=False)
-    ax.legend(fontsize=8)
+    _human_log_axis(ax.xaxis)
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -193,7 +280,8 @@ def plot_metric_vs_params(
     """Log-log ``metric [K]`` vs parameter count ``params [K]`` (one point per model size,
     at its largest compute), with the fitted trend; returns the PNG path."""
     params, metric = np.asarray(params, float), np.asarray(metric, float)
-    fig, ax = _new_figure(title or f"{metric_name} vs parameters", "parameters", metric_name)
+    ylabel = metric_label(metric_name)
+    fig, ax = _new_figure(title or f"{ylabel} vs parameters", PARAMS_LABEL, ylabel)
     ax.plot(params, metric, "o", color="C0", label="largest compute per size")
     for x, y, text in zip(params, metric, labels or [], strict=False):
         ax.annotate(str(text), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -201,8 +289,47 @@ def plot_metric_vs_params(
         _trend(ax, fit, float(params.min()), float(params.max()), _fit_label(fit))
     ax.set_xscale("log")
     ax.set_yscale("log")
-    _plain_log_axes(ax)
-    ax.legend(fontsize=8)
+    _plain_log_axes(ax, x=False)
+    if len(params):  # a tick at each size: 0.7M, 2.9M, 4.1M
+        ax.set_xticks(sorted(set(params.tolist())))
+        ax.xaxis.set_major_formatter(FuncFormatter(human_tick))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    _legend_outside(ax)
+    return _save(fig, path)
+
+
+def plot_isoflop(
+    result: ComputeOptimal,
+    path: str | Path,
+    *,
+    metric_name: str = "metric",
+    title: str | None = None,
+) -> Path:
+    """IsoFLOP profiles (Hoffmann et al. 2022, approach 2): ``metric`` against parameters,
+    one curve per compute budget with its fitted parabola in log N; each located minimum
+    N_opt(C) is marked; returns the PNG path."""
+    ylabel = metric_label(metric_name)
+    fig, ax = _new_figure(title or f"IsoFLOP profiles: {ylabel}", PARAMS_LABEL, ylabel)
+    for i, profile in enumerate(result.profiles):
+        color = f"C{i % 10}"
+        label = f"C = {human_tick(profile.compute)}FLOPs"
+        ax.plot(profile.params, profile.metric, "o", color=color, ms=4, label=label)
+        n, y = profile.curve()
+        ax.plot(n, y, color=color, lw=1, ls="-" if profile.n_opt else ":")
+        if profile.n_opt is not None:
+            x_star = np.log(profile.n_opt)
+            y_star = np.polyval(profile.coefficients, x_star)
+            ax.plot(profile.n_opt, y_star, "*", color=color, ms=12, mec="black", mew=0.5)
+    ax.plot([], [], "*", color="gray", ms=10, mec="black", mew=0.5, label="N_opt(C)")
+    if result.warnings:
+        ax.set_xlabel(f"{ax.get_xlabel()}\ndotted: no minimum inside the sizes (see warnings)")
+    ax.set_xscale("log")
+    sizes = sorted({float(n) for p in result.profiles for n in p.params})
+    if 0 < len(sizes) <= 8:  # a tick at each size while they stay readable
+        ax.set_xticks(sizes)
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.xaxis.set_major_formatter(FuncFormatter(human_tick))
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -237,9 +364,8 @@ def plot_sampling_steps(
     if not curves:
         return None
     kinds = sorted({fd for _, fd, _ in curves})
-    fig, ax = _new_figure(
-        title or "sample quality vs sampling steps", "sampling steps", " / ".join(kinds)
-    )
+    ylabel = " / ".join(metric_label(f"{EVAL_PREFIX}{k}") for k in kinds)
+    fig, ax = _new_figure(title or "sample quality vs sampling steps", "sampling steps", ylabel)
     for (trial, fd, method), (steps, values) in curves.items():
         suffix = f" ({fd})" if len(kinds) > 1 else ""
         ax.plot(steps, values, marker="o", ms=3, label=f"{trial} {method}{suffix}")
@@ -247,7 +373,7 @@ def plot_sampling_steps(
     ax.set_xticks(sorted({int(s) for steps, _ in curves.values() for s in steps}))
     _plain_log_axes(ax, y=False)
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -279,3 +405,26 @@ def log_report(
         client.log_artifact(run_id, str(f), artifact_path)
     log.info("logged analysis artifacts to run %s of %r", run_id, experiment)
     return run_id
+
+
+def sample_grid_locations(experiment: str, tracking_uri: str | None) -> list[str]:
+    """Where each trial's sample grids are (one PNG per eval point, under ``samples/`` of
+    its MLflow run): ``trial: N grids in URI``; empty when MLflow does not answer."""
+    try:
+        client = MlflowClient(resolve_tracking_uri(tracking_uri))
+        runs = client.search_runs(
+            [experiment_id(client, experiment)], f"tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'"
+        )
+        lines = []
+        for run in sorted(runs, key=lambda r: r.data.tags.get(TRIAL_TAG, "")):
+            grids = client.list_artifacts(run.info.run_id, SAMPLES_ARTIFACT_DIR)
+            if grids:
+                where = f"{run.info.artifact_uri}/{SAMPLES_ARTIFACT_DIR}/".removeprefix("file://")
+                if where.startswith(str(Path.cwd()) + "/"):  # mlruns/... beside mlflow.db
+                    where = where[len(str(Path.cwd())) + 1 :]
+                trial = run.data.tags.get(TRIAL_TAG, run.info.run_id)
+                lines.append(f"{trial}: {len(grids)} grids in {where}")
+        return lines
+    except Exception as error:  # a listing for the user; the fit itself is done
+        log.info("sample grids of %r not listed: %s", experiment, error)
+        return []

@@ -10,6 +10,7 @@ reads ``3e-4`` as a string (YAML 1.1 wants ``3.0e-4``); here it is the number.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import functools
@@ -35,6 +36,7 @@ __all__ = [
     "check_fields",
     "flatten",
     "load_yaml",
+    "prepare_command",
     "spec",
     "unknown_key",
     "uri_problem",
@@ -67,7 +69,12 @@ class ConfigError(ValueError):
         self.problems = list(problems)
         self.source = source
         lead = f"{source}: " if source else ""
-        super().__init__("\n".join(f"{lead}{k}: {m}" if k else lead + m for k, m in self.problems))
+        counts = collections.Counter(self.problems)  # a problem of many trials: once, counted
+        lines = [
+            (f"{lead}{k}: {m}" if k else lead + m) + (f" ({n} times)" if n > 1 else "")
+            for (k, m), n in counts.items()
+        ]
+        super().__init__("\n".join(lines))
 
 
 def spec(default: Any = dataclasses.MISSING, *, factory: Any = None, **rules: Any) -> Any:
@@ -131,10 +138,22 @@ def check_fields(
 
 
 def unknown_key(key: str, allowed: list[str]) -> Problem:
-    """The problem of an unknown ``key``, naming the allowed ones (and the likely typo)."""
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], allowed, n=1)
+    """The problem of an unknown ``key``, naming the allowed ones (and the likely typo); a
+    bare key that is a field of an allowed section suggests it: ``lr`` -> ``train.lr``."""
+    bare = key.rsplit(".", 1)[-1].rsplit(" ", 1)[-1]
+    owners = [
+        f"{cls.section}.{bare}"
+        for cls in _SECTION_CLASSES
+        if cls.section in allowed and bare in {f.name for f in dataclasses.fields(cls)}
+    ]
+    close = difflib.get_close_matches(bare, allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if "." not in key and owners:
+        hint = f" (did you mean {' or '.join(map(repr, owners))}?)"
     return key, f"unknown key{hint}; allowed: {allowed}"
+
+
+_SECTION_CLASSES: list[type[Section]] = []  # every Section subclass, for unknown_key's hint
 
 
 class Section:
@@ -142,6 +161,10 @@ class Section:
     ``spec`` rules), normalises them, then runs ``_check`` for rules across fields."""
 
     section: ClassVar[str]  # the section's key in the trial ("train")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _SECTION_CLASSES.append(cls)
 
     def __post_init__(self) -> None:
         fields = dataclasses.fields(self)  # type: ignore[arg-type]
@@ -239,9 +262,45 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 def load_yaml(text: str, *, unique_keys: bool = False) -> Any:
     """``yaml.safe_load`` plus exponent floats without a dot (``3e-4``); ``unique_keys``
-    makes a repeated mapping key an error instead of the last one winning."""
+    makes a repeated mapping key an error instead of the last one winning. A syntax error
+    is a ``yaml.YAMLError`` whose message starts with its line and column (the caller
+    names the file): ``line 3, column 1: expected ',' or '}' ...``."""
     loader = _UniqueKeyLoader if unique_keys else _Loader
-    return yaml.load(text, Loader=loader)  # a SafeLoader: builds plain types only
+    try:
+        return yaml.load(text, Loader=loader)  # a SafeLoader: builds plain types only
+    except yaml.MarkedYAMLError as error:
+        raise yaml.YAMLError(_yaml_message(error)) from None
+
+
+def _yaml_message(error: yaml.MarkedYAMLError) -> str:
+    mark = error.problem_mark or error.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    text = error.problem or error.context or "invalid YAML"
+    if error.context and error.problem and error.context_mark:
+        c = error.context_mark
+        text += f" ({error.context} that starts at line {c.line + 1}, column {c.column + 1})"
+    return where + text
+
+
+def prepare_command(uri: str) -> str:
+    """The ``diffscale data prepare`` command that writes the dataset a config names by
+    ``uri``: the registry's dataset whose name the path ends with (else ``folder``), with
+    the ``--source`` it takes."""
+    from diffusion.data.registry import DATASETS
+
+    base = uri.rstrip("/").rsplit("/", 1)[-1].lower()
+    name = next((n for n in DATASETS if n in base and n != "folder"), "folder")
+    sources = {
+        "digits": "",
+        "cifar10": " --source cifar-10-python.tar.gz (a path or "
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz)",
+        "imagenet64": " --source DIR (DIR holds train_data_batch_1..10.npz and val_data.npz)",
+        "folder": " --source DIR --size 64 (DIR: PNG/JPEG images)",
+    }
+    source = sources.get(name, " --source SOURCE")
+    cmd, _, note = source.partition(" (")
+    note = f" ({note}" if note else ""
+    return f"`diffscale data prepare {name} --out {uri}{cmd}`{note}"
 
 
 def flatten(prefix: str, value: Any, out: dict[str, str | int | float | bool]) -> None:

@@ -23,7 +23,17 @@ from orchestrator.sweep.submit import capacity_problems, prepare, resume, submit
 
 __all__ = ["STATUS_HEADERS", "add_parsers", "print_status"]
 
-STATUS_HEADERS = ["trial", "size", "status", "step", "cells", "NLL bpd", "FD", "MLflow run"]
+STATUS_HEADERS = [
+    "trial",
+    "size",
+    "status",
+    "step",
+    "cells",
+    "eval at step",
+    "NLL bpd",
+    "FD",
+    "MLflow run",
+]
 
 
 def print_status(report: dict) -> None:
@@ -39,6 +49,7 @@ def print_status(report: dict) -> None:
                 r["status"],
                 f"{r['step']}/{r['total']}",
                 r["cells"],
+                r.get("metrics_step") or "-",  # the step the NLL and FD were measured at
                 f"{m[EVAL_NLL]:.4f}" if EVAL_NLL in m else "-",
                 f"{m[fd]:.4g}" if fd else "-",
                 (r["mlflow_run"] or "-")[:12],
@@ -75,6 +86,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         )
         print(tabulate(*trial_table(plan)))
         print(plan.saving())
+        print(plan.totals())
         print(f"storage: {store.uri}")
         print(f"MLflow:  {spec.tracking_uri} (experiment {spec.experiment!r})")
     if args.dry_run:

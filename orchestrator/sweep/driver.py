@@ -31,6 +31,7 @@ from orchestrator.names import (
     SWEEP_RECORD,
     SWEEP_TAG,
     SWEEP_TUNE_DIR,
+    TRAIN_LOSS,
 )
 from orchestrator.sweep.store import (
     HEARTBEAT_S,
@@ -41,7 +42,7 @@ from orchestrator.sweep.store import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DRIVER_MEMORY", "SubmitResult", "run_sweep"]
+__all__ = ["DRIVER_MEMORY", "SubmitResult", "progress_line", "run_sweep"]
 
 DRIVER_MEMORY = 64 * 2**20  # bytes reserved per Tune trial driver (a placeholder resource)
 
@@ -90,13 +91,30 @@ def _drive_trial(config: dict) -> None:
         for k, v in (result.metrics or {}).items()
         if isinstance(v, (int, float)) and ("/" in k or k == "step")
     }
+    step = int(metrics.get("step", 0))
     store.update_trial(
         cfg.name,
         status="FINISHED",
         metrics=metrics,
+        metrics_step=step,  # the last report is the final eval point
         ended=time.time(),
-        step=int(metrics.get("step", 0)),
+        step=step,
     )
+
+
+def progress_line(trial: str, step: int, total: int, result: dict) -> str:
+    """One progress line per checkpoint report: the step, then the eval point's metrics
+    (NLL, FD, precision/recall) or, between eval points, the training loss."""
+    evals = [
+        f"{k.split('/')[-1]} {v:.4g}"
+        for k, v in result.items()
+        if str(k).startswith(EVAL_PREFIX) and "stderr" not in k and isinstance(v, (int, float))
+    ]
+    if evals:
+        return f"{trial}: step {step}/{total}  eval: " + "  ".join(evals) + "  (checkpoint saved)"
+    loss = result.get(TRAIN_LOSS)
+    shown = f"  train loss {loss:.4g}" if isinstance(loss, (int, float)) else ""
+    return f"{trial}: step {step}/{total}  checkpoint saved{shown}"
 
 
 def _tune_callback(store: SweepStore, plan: SweepPlan, say: Callable[[str], None]) -> Any:
@@ -123,17 +141,17 @@ def _tune_callback(store: SweepStore, plan: SweepPlan, say: Callable[[str], None
             name = trial.config.get("trial")
             if name not in totals or result.get("already_finished"):
                 return
-            metrics = {
-                k: v for k, v in result.items() if "/" in str(k) and isinstance(v, (int, float))
-            }
             step = int(result.get("step", 0))
-            store.update_trial(name, step=step, total=totals[name], metrics=metrics)
-            shown = "  ".join(
-                f"{k.split('/')[-1]} {v:.4g}"
-                for k, v in metrics.items()
-                if k.startswith(EVAL_PREFIX) and "stderr" not in k
-            )
-            say(f"{name}: step {step}/{totals[name]}" + (f"  {shown}" if shown else ""))
+            evals = {
+                k: float(v)
+                for k, v in result.items()
+                if str(k).startswith(EVAL_PREFIX) and isinstance(v, (int, float))
+            }
+            fields: dict[str, Any] = {"step": step, "total": totals[name]}
+            if evals:  # the latest eval point: its metrics and their step, together
+                fields.update(metrics=evals, metrics_step=step)
+            store.update_trial(name, **fields)
+            say(progress_line(name, step, totals[name], result))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             say(f"{trial.config.get('trial')}: finished")

@@ -28,7 +28,9 @@ def status(
     endpoint_url: str | None = None,
     with_mlflow: bool = True,
 ) -> dict[str, Any]:
-    """The sweep's driver state and one row per trial (status, progress, metrics, MLflow run)."""
+    """The sweep's driver state and one row per trial: status, progress (``step`` of
+    ``total``), the latest eval point's ``metrics`` with their ``metrics_step``, and the
+    trial's MLflow run."""
     store = store_for(name, storage_path, endpoint_url)
     record = stored_record(store)
     driver = store.driver()
@@ -41,9 +43,11 @@ def status(
         if st == "RUNNING" and not alive:
             st = "INTERRUPTED"
         run = runs.get(trial)
-        metrics = dict(state.get("metrics") or {})
-        if run is not None:
-            metrics.update({k: v for k, v in run.data.metrics.items() if k.startswith(EVAL_PREFIX)})
+        # The metrics of one eval point and that point's step, from the same report: never
+        # mixed with newer values from MLflow (the row would pair a step with another's).
+        metrics = {
+            k: v for k, v in (state.get("metrics") or {}).items() if k.startswith(EVAL_PREFIX)
+        }
         rows.append(
             {
                 "trial": trial,
@@ -53,6 +57,7 @@ def status(
                 "total": info.get("steps"),
                 "cells": len(info.get("cells", {})),
                 "metrics": metrics,
+                "metrics_step": state.get("metrics_step") if metrics else None,
                 "mlflow_run": run.info.run_id if run else None,
                 "mlflow_status": run.info.status if run else None,
                 "error": state.get("error"),

@@ -22,7 +22,12 @@ import time
 from typing import Any
 
 from diffusion.data import storage
-from orchestrator.names import SWEEP_DRIVER, SWEEP_RECORD, SWEEP_STATE_DIR
+from orchestrator.names import (
+    SWEEP_DRIVER,
+    SWEEP_RECORD,
+    SWEEP_STATE_DIR,
+    checkpoint_dir_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,7 @@ __all__ = [
     "STALE_S",
     "SweepError",
     "SweepStore",
+    "cell_checkpoint",
     "driver_alive",
     "store_for",
     "stored_record",
@@ -129,3 +135,22 @@ def driver_alive(driver: dict) -> bool:
             return True
         return time.time() - driver.get("heartbeat", 0) < STALE_S * 10
     return time.time() - driver.get("heartbeat", 0) < STALE_S
+
+
+def cell_checkpoint(store: SweepStore, cell: str) -> tuple[str, int, str, dict]:
+    """(trial, step, checkpoint URI, trial config) of grid cell ``cell`` of the sweep in
+    ``store``: the checkpoint its trial wrote at the cell's step (kept whatever
+    ``keep_checkpoints`` says). SweepError naming the cells when ``cell`` is not one."""
+    record = stored_record(store)
+    cells = {}
+    for trial, info in record.get("trials", {}).items():
+        for cell_id, step in info.get("cells", {}).items():
+            cells[cell_id] = (trial, int(step), info["config"])
+    if cell not in cells:
+        raise SweepError(
+            f"sweep {record.get('name', store.uri)!r} has no cell {cell!r}; its cells: "
+            f"{', '.join(sorted(cells))} (`diffscale submit FILE --dry-run` shows them)"
+        )
+    trial, step, config = cells[cell]
+    uri = f"{config['storage']['path'].rstrip('/')}/{trial}/{checkpoint_dir_name(step)}"
+    return trial, step, uri, config

@@ -8,6 +8,7 @@ machine (or the cluster in RAY_ADDRESS) can run it and hand it to the Tune drive
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -78,13 +79,31 @@ def prepare(path: str, overrides: Sequence[str] = (), *, check_data: bool = True
     store = SweepStore(spec.storage_path, spec.storage_endpoint)
     record = store.read(SWEEP_RECORD)
     if record is not None and record["definition"] != spec.to_dict():
-        changed = sorted(k for k, v in spec.to_dict().items() if record["definition"].get(k) != v)
+        changed = _differences(record["definition"], spec.to_dict())
+        shown = ", ".join(changed[:8]) + (
+            f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        )
         raise SweepError(
             f"sweep {spec.name!r} already exists at {store.uri} with a different definition "
-            f"(differs in: {', '.join(changed)}); give the new study another name, or "
-            f"`diffscale resume {spec.name}` to continue the stored one"
+            f"(differs in: {shown}); to run the changed study beside it, give it another "
+            f"name: add `--set name={spec.name}-2` (or edit `name:`); to continue the stored "
+            f"one: `diffscale resume {spec.name}`"
         )
     return Prepared(plan, store, record)
+
+
+def _differences(old: object, new: object, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two definitions, with old -> new values:
+    ``base.train.lr (0.001 -> 0.0003)``; the sweep-level ``base`` prefix is dropped."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            out += _differences(old.get(key), new.get(key), "" if name == "base" else name)
+        return out
+    if old == new:
+        return []
+    return [f"{prefix or 'definition'} ({json.dumps(old)} -> {json.dumps(new)})"]
 
 
 def submit(

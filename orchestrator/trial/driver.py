@@ -2,7 +2,10 @@
 
 Running the same trial again with the same storage resumes it from its newest checkpoint;
 Ray's ``FailureConfig(max_failures)`` restarts crashed workers from the newest checkpoint
-too. The workers run :func:`orchestrator.trial.loop.train_loop_per_worker`.
+too. Checkpoint folders are named by step (``checkpoint_step00000077``); the one at each
+grid cell's step is kept whatever ``train.keep_checkpoints`` says (see
+:mod:`orchestrator.trial.restore`). The workers run
+:func:`orchestrator.trial.loop.train_loop_per_worker`.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import os
 
 from diffusion.data import builtin_dataset, prepare_dataset
 from diffusion.data.storage import resolve
+from diffusion.flops import forward_flops_per_image
 from orchestrator.config import TrialConfig
-from orchestrator.names import DATASETS_DIR
+from orchestrator.names import CHECKPOINT_SCORE, DATASETS_DIR
 from orchestrator.trial.loop import train_loop_per_worker
+from orchestrator.trial.restore import checkpoints_to_keep
 
 __all__ = ["prepare_trial_data", "run_trial"]
 
@@ -53,6 +58,9 @@ def run_trial(
         [f"tracking.uri={cfg.tracking.resolve_uri()}", f"storage.path={cfg.storage.resolve_path()}"]
     )
     data_uri, data_endpoint = prepare_trial_data(cfg)
+    total_steps = cfg.budget.total_steps(
+        cfg.train.batch_size, forward_flops_per_image(cfg.model_config())
+    )
     if not ray.is_initialized():
         ray.init(
             address=os.environ.get("RAY_ADDRESS") or "local",
@@ -81,7 +89,13 @@ def run_trial(
             storage_path=storage,
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=checkpoints_to_keep(
+                    cfg.eval.at_steps, total_steps, cfg.train.keep_checkpoints
+                ),
+                checkpoint_score_attribute=CHECKPOINT_SCORE,
+                checkpoint_score_order="max",
+            ),
             callbacks=list(callbacks or []),
         ),
     )

@@ -1,8 +1,17 @@
-"""Checkpoint discovery: the newest checkpoint of a trial's Ray Train run that verifies.
+"""Checkpoint discovery and retention: the newest checkpoint of a trial's Ray Train run
+that verifies, and which checkpoints Ray keeps.
 
 Ray hands a restarted worker its latest registered checkpoint; when that one is corrupt
 (a truncated upload, a lost file) the trial continues from the newest older one that
 verifies instead of failing, and from scratch when none does.
+
+Retention: the checkpoint at each grid cell's step (``eval.at_steps`` and the final step)
+is *pinned*: it is kept whatever ``train.keep_checkpoints`` says, which governs only the
+rolling checkpoints in between. Ray's own ``CheckpointConfig`` does the deleting (so its
+state never lists a folder that is gone, and the latest checkpoint is never deleted):
+every report carries :func:`checkpoint_score`, which ranks a pinned checkpoint above every
+rolling one, and :func:`checkpoints_to_keep` is the number of pinned ones plus
+``keep_checkpoints``, so only the oldest rolling ones ever fall out.
 """
 
 from __future__ import annotations
@@ -16,7 +25,26 @@ from orchestrator.names import CHECKPOINT_META, CHECKPOINT_PREFIX
 
 log = logging.getLogger(__name__)
 
-__all__ = ["newest_valid_checkpoint"]
+__all__ = ["checkpoint_score", "checkpoints_to_keep", "newest_valid_checkpoint", "pinned_steps"]
+
+PINNED_SCORE = 1e15  # above any step: a pinned checkpoint outranks every rolling one
+
+
+def pinned_steps(at_steps: list[int], total_steps: int) -> set[int]:
+    """The steps whose checkpoints are never deleted: the grid cells' steps a trial serves
+    (``eval.at_steps`` up to ``total_steps``) and its final step."""
+    return {s for s in at_steps if s <= total_steps} | {total_steps}
+
+
+def checkpoints_to_keep(at_steps: list[int], total_steps: int, keep_rolling: int) -> int:
+    """Ray's ``num_to_keep``: every pinned checkpoint plus ``keep_rolling`` newest others."""
+    return len(pinned_steps(at_steps, total_steps)) + keep_rolling
+
+
+def checkpoint_score(step: int, pinned: bool) -> float:
+    """The score Ray ranks a checkpoint by (higher is kept): its step, plus PINNED_SCORE
+    when it is a cell's; so the rolling ones go oldest first and the pinned never."""
+    return float(step) + (PINNED_SCORE if pinned else 0.0)
 
 
 def newest_valid_checkpoint(world_size: int, scratch: Path) -> Path | None:

@@ -28,7 +28,7 @@ def _law(c: np.ndarray) -> np.ndarray:
     return L_INF + (C0 / c) ** ALPHA
 
 
-def _scaling_sweep(uri: str, artifacts: Path) -> str:
+def _scaling_sweep(uri: str, artifacts: Path, fd: bool = False) -> str:
     """Three sizes; each follows the law up to its saturation compute and bends up beyond it,
     so the compute-efficient frontier is exactly the law."""
     client, sweep = MlflowClient(uri), f"scale-{uuid.uuid4().hex[:6]}"
@@ -55,6 +55,11 @@ def _scaling_sweep(uri: str, artifacts: Path) -> str:
                 "train/loss": {int(s): 0.1 for s in np.linspace(1, final, 20).astype(int)},
                 "sampling/digits_fd/ancestral/50": {final: 2.0},
                 "sampling/digits_fd/ancestral/100": {final: 1.5},
+                **(
+                    {"eval/digits_fd": {int(s): 40.0 * v for s, v in zip(steps, nll, strict=True)}}
+                    if fd
+                    else {}
+                ),
             },
         )
     return sweep
@@ -100,14 +105,17 @@ def test_fit_sweep_json_recovers_the_frontier_law(uri, tmp_path, capsys) -> None
     assert [p["x"] for p in pred] == [1e18, 1e19]
     assert pred[0]["value"] == pytest.approx(_law(np.array(1e18)), rel=1e-3)
     assert pred[0]["low"] <= pred[0]["value"] <= pred[0]["high"]
-    out = tmp_path / "outputs" / "analysis" / sweep
+    out = tmp_path / "outputs" / "analysis" / sweep / "nll_bpd-vs-compute-henighan"
     names = {"compute.png", "params.png", "sampling.png"}
     assert {Path(p).name for p in doc["plots"]} == names
     assert all((out / name).read_bytes()[:4] == b"\x89PNG" for name in names)
     assert json.loads((out / "fit.json").read_text())["alpha"] == doc["alpha"]
     parent = doc["logged_to_run"]
-    listed = {a.path for a in MlflowClient(uri).list_artifacts(parent, "analysis")}
-    assert listed == {f"analysis/{n}" for n in (*names, "fit.json")}
+    listed = {
+        a.path
+        for a in MlflowClient(uri).list_artifacts(parent, "analysis/nll_bpd-vs-compute-henighan")
+    }
+    assert listed == {f"analysis/nll_bpd-vs-compute-henighan/{n}" for n in (*names, "fit.json")}
 
     # all points, not the frontier: the saturated tails no longer fit the law
     off = _json(
@@ -211,7 +219,49 @@ def test_fit_table_chinchilla_and_power(tmp_path, capsys, monkeypatch) -> None:
     )
     out = capsys.readouterr().out
     assert "C0" in out and "alpha" in out
-    assert (tmp_path / "outputs" / "analysis" / "synth" / "fit.png").is_file()
+    assert (tmp_path / "outputs" / "analysis" / "synth" / "L-vs-C-power" / "fit.png").is_file()
+
+
+def test_fits_of_two_metrics_keep_both_sets_of_files(uri, tmp_path, capsys) -> None:
+    """The demo's own hint, `fit NAME --metric fid` after the NLL fit, must not overwrite it:
+    each fit has its folder, on disk and on the parent run; re-running one replaces only it."""
+    sweep = _scaling_sweep(uri, tmp_path / "artifacts", fd=True)
+    root = tmp_path / "outputs" / "analysis" / sweep
+    nll = _json(capsys, ["fit", sweep, "--metric", "nll", "--json", "--bootstrap", "5"])
+    fd = _json(capsys, ["fit", sweep, "--metric", "fid", "--json", "--bootstrap", "5"])
+    assert fd["metric"] == "eval/digits_fd" and nll["metric"] == "eval/nll_bpd"
+    folders = {"nll_bpd-vs-compute-henighan", "digits_fd-vs-compute-henighan"}
+    assert {p.name for p in root.iterdir()} == folders
+    for name, doc in (("nll_bpd", nll), ("digits_fd", fd)):
+        stored = json.loads((root / f"{name}-vs-compute-henighan" / "fit.json").read_text())
+        assert stored["metric"] == doc["metric"] and stored["alpha"] == doc["alpha"]
+        assert all(Path(p).parent.name == f"{name}-vs-compute-henighan" for p in doc["plots"])
+    client = MlflowClient(uri)
+    logged = {a.path for a in client.list_artifacts(nll["logged_to_run"], "analysis")}
+    assert logged == {f"analysis/{f}" for f in folders}
+    for folder in folders:
+        files = {a.path for a in client.list_artifacts(nll["logged_to_run"], f"analysis/{folder}")}
+        assert f"analysis/{folder}/fit.json" in files and f"analysis/{folder}/compute.png" in files
+    fd_files = {p: p.stat().st_mtime_ns for p in (root / "digits_fd-vs-compute-henighan").iterdir()}
+    again = _json(capsys, ["fit", sweep, "--metric", "nll", "--json", "--bootstrap", "5"])
+    assert again["alpha"] == nll["alpha"]
+    assert {p: p.stat().st_mtime_ns for p in fd_files} == fd_files  # the other fit untouched
+
+
+def test_fit_text_output_names_every_file_and_each_warning_once(uri, tmp_path, capfd) -> None:
+    sweep = _scaling_sweep(uri, tmp_path / "artifacts")
+    # 3 sizes above 1e16 FLOPs: too few frontier points for 3 parameters, so warnings
+    assert main(["fit", sweep, "--metric", "nll", "--min-compute", "3e16", "--bootstrap", "5"]) == 0
+    captured = capfd.readouterr()
+    text = captured.out + captured.err
+    warnings = [line for line in text.splitlines() if "warning" in line.lower()]
+    assert warnings, text
+    assert len(warnings) == len(set(warnings)), text  # printed by the CLI only, once each
+    assert "ABNORMAL" not in text
+    folder = Path("outputs") / "analysis" / sweep / "nll_bpd-vs-compute-henighan"  # in cwd
+    for name in ("compute.png", "params.png", "fit.json"):
+        assert str(folder / name) in text and (tmp_path / folder / name).is_file(), text
+    assert "under analysis/nll_bpd-vs-compute-henighan/" in text
 
 
 def _ablation_sweep(uri: str, artifacts: Path) -> str:

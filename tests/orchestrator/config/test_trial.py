@@ -391,11 +391,11 @@ def test_bad_overrides_are_reported_together():
             ["train.lr=abc", "train.lrr=1", "budget.steps=null", "seed=1"], source="--set"
         )
     assert str(info.value).splitlines() == [
-        "--set: seed: unknown key; allowed: ['name', 'data', 'model', 'diffusion', 'train', "
-        "'budget', 'eval', 'resources', 'tracking', 'storage']",
+        "--set: seed: unknown key (did you mean 'train.seed'?); allowed: ['name', 'data', "
+        "'model', 'diffusion', 'train', 'budget', 'eval', 'resources', 'tracking', 'storage']",
         "--set: train.lrr: unknown key (did you mean 'lr'?); allowed: ['batch_size', 'lr', "
-        "'weight_decay', 'ema_rate', 'grad_clip', 'timestep_sampler', 'bf16', 'seed', "
-        "'log_every', 'checkpoint_every', 'keep_checkpoints', 'max_failures']",
+        "'weight_decay', 'ema_rate', 'grad_clip', 'timestep_sampler', 'bf16', 'channels_last', "
+        "'seed', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'max_failures']",
         "--set: train.lr: expected a number > 0, got 'abc'",
         "--set: budget: expected exactly one of ['steps', 'images', 'flops'], got none",
     ]

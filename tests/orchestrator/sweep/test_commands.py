@@ -123,7 +123,7 @@ def test_killed_sweep_resumes_without_retraining_or_duplicate_steps(cluster):
     def one_done_one_started() -> bool:
         states = [state(root, "kr", t) for t in names]
         done = [s.get("status") == "FINISHED" for s in states]
-        started = [s.get("status") != "FINISHED" and s.get("step", 0) >= 20 for s in states]
+        started = [s.get("status") != "FINISHED" and s.get("step", 0) >= 30 for s in states]
         return sum(done) == 1 and sum(started) == 1
 
     log = root / "kr-submit.log"
@@ -161,6 +161,16 @@ def test_killed_sweep_resumes_without_retraining_or_duplicate_steps(cluster):
         first_t: "FINISHED",
         second_t: "INTERRUPTED",
     }
+    # each row's metrics belong to the step shown beside them (the cell's eval at step 30)
+    rows = {t["trial"]: t for t in report["trials"]}
+    _, trials_now, _ = runs_by_trial(root, "kr")
+    for trial, row in rows.items():
+        assert row["metrics_step"] == (30 if trial == second_t else 60), row
+        assert row["metrics_step"] <= row["step"], row
+        nll = dict(history(client, trials_now[trial], "eval/nll_bpd"))
+        assert row["metrics"]["eval/nll_bpd"] == pytest.approx(nll[row["metrics_step"]]), row
+    table = call(cluster, "status", "kr", "--storage", str(root / "runs")).stdout
+    assert re.search(rf"{second_t}\s+\S+\s+INTERRUPTED\s+\d+/60\s+2\s+30\s", table), table
 
     resumed = call(cluster, "resume", "kr", "--storage", str(root / "runs"), timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -194,6 +204,42 @@ def test_killed_sweep_resumes_without_retraining_or_duplicate_steps(cluster):
     changed = write_sweep(root, "kr", grid={"model.channels": [32], "budget.steps": [30, 60]})
     refused = call(cluster, "submit", str(changed))
     assert refused.returncode == 2 and "already exists" in refused.stderr, refused.stderr
+
+
+def test_every_cell_keeps_its_checkpoint_and_is_evaluated_by_cell_id(cluster):
+    """keep_checkpoints: 1 governs only the rolling checkpoints: the one at each cell's step
+    stays, in a folder named by step, and `diffscale eval NAME --cell ID` evaluates it."""
+    root, _ = cluster
+    train = {**SWEEP["train"], "keep_checkpoints": 1, "checkpoint_every": 5}
+    path = write_sweep(root, "kc", train=train, grid={"budget.steps": [10, 20, 30]})
+    done = call(cluster, "submit", str(path), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "checkpoint saved" in done.stdout, done.stdout  # a report between eval points
+    record = json.loads((root / "runs" / "kc" / "sweep.json").read_text())
+    ((trial, info),) = record["trials"].items()
+    assert sorted(info["cells"].values()) == [10, 20, 30]
+    folders = sorted(
+        p.name for p in (root / "runs" / "kc" / "trials" / trial).glob("checkpoint_step*")
+    )
+    # the three cells, plus the newest rolling one (25); 5 and 15 were deleted
+    assert folders == [f"checkpoint_step{s:08d}" for s in (10, 20, 25, 30)], folders
+    cell = next(c for c, step in info["cells"].items() if step == 20)
+    out = root / "kc-eval"
+    evaluated = call(
+        cluster,
+        *("eval", "kc", "--cell", cell, "--storage", str(root / "runs"), "--out", str(out)),
+        *("--num-images", "16", "--num-samples", "16", "--sample-steps", "10", "--json"),
+        *("--nll-timesteps", "5", "--batch-size", "16"),
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads(evaluated.stdout)
+    assert result["step"] == 20 and result["checkpoint"].endswith("checkpoint_step00000020")
+    assert result["nll_bpd"] > 0 and (out / "eval.json").is_file()
+    bare = call(cluster, "eval", "kc", "--storage", str(root / "runs"))  # a name, no cell
+    assert bare.returncode == 2 and "`diffscale eval kc --cell c00`" in bare.stderr, bare.stderr
+    missing = call(cluster, "eval", "kc", "--cell", "c99", "--storage", str(root / "runs"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
+    assert "has no cell 'c99'" in missing.stderr and cell in missing.stderr, missing.stderr
 
 
 def test_status_and_cancel_of_a_running_sweep_on_s3(cluster, s3):
