@@ -18,7 +18,7 @@ demo: $(STAMP)
 	@echo "Curves: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (experiment 'demo')"
 	@echo "Plots:  outputs/analysis/demo/nll_bpd-vs-compute-henighan/*.png (also on the sweep's MLflow parent run, under analysis/nll_bpd-vs-compute-henighan/)"
 	@echo "Samples: one grid per trial and eval point, under mlruns/<experiment>/<run>/artifacts/samples/ (listed above)"
-	@echo "More:   $(BIN)/diffscale status demo; $(BIN)/diffscale table demo; $(BIN)/diffscale fit demo --metric fid (its own folder); $(BIN)/diffscale eval demo --cell c00"
+	@echo "More:   $(BIN)/diffscale status demo; $(BIN)/diffscale table demo; $(BIN)/diffscale fit demo --metric fid (its own folder); $(BIN)/diffscale isoflop demo; $(BIN)/diffscale eval demo --cell c00"
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -3,8 +3,9 @@ same allocation exponent read off an L(N, D) fit (approach 3).
 
 Approach 2: at each compute budget C, several sizes N are trained to C. A parabola in
 x = ln N is fitted to the loss of each profile, L(x) ~ c2 x^2 + c1 x + c0; its minimum
-x* = -c1 / (2 c2) is ln N_opt(C) when c2 > 0 and x* lies inside the sizes sampled (a minimum
-at the smallest or largest size does not locate N_opt: widen the sizes). Then
+x* = -c1 / (2 c2) is ln N_opt(C) when c2 > 0 and both x* and the smallest sampled loss lie
+inside the sizes sampled (a minimum at the smallest or largest size does not locate N_opt:
+widen the sizes). Then
 ln N_opt = ln k + a ln C is fitted by least squares over the budgets, N_opt = k C^a.
 Hoffmann et al. report a = 0.49 this way.
 
@@ -126,7 +127,8 @@ def _parabola(
             ),
         )
     x_star = -c1 / (2 * c2)
-    if x_star <= x[0]:
+    best = int(np.argmin(y))  # the sampled minimum must be inside too, not only the parabola's
+    if x_star <= x[0] or best == 0:
         return (
             coefficients,
             None,
@@ -135,7 +137,7 @@ def _parabola(
                 f"({np.exp(x[0]):.3g} parameters): add smaller sizes"
             ),
         )
-    if x_star >= x[-1]:
+    if x_star >= x[-1] or best == len(x) - 1:
         return (
             coefficients,
             None,

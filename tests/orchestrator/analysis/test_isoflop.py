@@ -133,3 +133,15 @@ def test_bad_input_is_refused() -> None:
         fit_isoflop([1.0, -2.0, 3.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="level"):
         fit_isoflop(*isoflop_grid(seed=0), level=1.5)
+
+
+def test_a_parabola_minimum_inside_but_the_best_size_at_the_edge_is_no_optimum() -> None:
+    # the demo's own largest budget: the smallest model is best, yet the parabola through
+    # the three sizes bottoms out just above it
+    params = np.array([0.718e6, 2.86e6, 4.06e6])
+    loss = np.array([4.5822, 5.1493, 5.5481])
+    result = fit_isoflop(np.full(3, 4e12), params, loss, bootstrap=0)
+    (profile,) = result.profiles
+    c2, c1, _ = profile.coefficients
+    assert c2 > 0 and math.log(params[0]) < -c1 / (2 * c2)  # the parabola alone would say yes
+    assert profile.n_opt is None and "add smaller sizes" in profile.warning
