@@ -71,7 +71,8 @@ alive_nodes() {  # number of active nodes `ray status` reports for this cluster
 start_node() {  # start_node LOG ARGS... : one `ray start --block` in a new session
   local log="$1"; shift
   setsid "$RAY" start --block "$@" > "$log" 2>&1 < /dev/null &
-  echo $! >> "$STATE/sessions"  # setsid execs in place: this pid is the session id
+  LAST_PID=$!
+  echo "$LAST_PID" >> "$STATE/sessions"  # setsid execs in place: this pid is the session id
 }
 
 node_ports() {  # the per-node ports that default to fixed numbers or must differ per raylet
@@ -107,11 +108,18 @@ cmd_up() {
   wait_head_ip || { echo "head did not start; its log:" >&2; tail -20 "$STATE/logs/head.log" >&2; cmd_down >&2; exit 1; }
   local i
   for ((i = 1; i <= n; i++)); do
-    # shellcheck disable=SC2046
-    start_node "$STATE/logs/worker$i.log" --address="$(address)" --num-cpus=1 --num-gpus=0 \
-      --disable-usage-stats $(node_ports)
-    # One at a time: on a small machine, raylets starting together can miss Ray's start timeout.
-    wait_started "$STATE/logs/worker$i.log" || break
+    # One at a time: on a small machine, raylets starting together can miss Ray's start
+    # timeout (30 s, fixed inside Ray); a node that missed it exits, and is started again.
+    local attempt
+    for attempt in 1 2 3; do
+      # shellcheck disable=SC2046
+      start_node "$STATE/logs/worker$i.log" --address="$(address)" --num-cpus=1 --num-gpus=0 \
+        --disable-usage-stats $(node_ports)
+      wait_started "$STATE/logs/worker$i.log" "$LAST_PID" && break
+      echo "worker node $i did not start (attempt $attempt of 3)" >&2
+      kill -KILL -- "-$LAST_PID" 2>/dev/null || true
+      sed -i "/^$LAST_PID\$/d" "$STATE/sessions"  # forget the failed node's session
+    done
   done
   if ! wait_nodes $((n + 1)); then
     echo "only $(alive_nodes) of $((n + 1)) nodes joined; the last worker's log:" >&2
@@ -134,11 +142,12 @@ wait_head_ip() {  # the node IP Ray chose for the head, from its log, into $STAT
   return 1
 }
 
-wait_started() {  # wait_started LOG: until `ray start --block` says its node is up
+wait_started() {  # wait_started LOG PID: until `ray start --block` says its node is up
   local deadline=$((SECONDS + START_TIMEOUT_S))
   while ((SECONDS < deadline)); do
     grep -q "Ray runtime started" "$1" 2>/dev/null && return 0
-    [[ -n "$(alive_sessions | head -1)" ]] || return 1
+    # it exited (Ray's own start timeout); an exited child stays a zombie until reaped
+    [[ "$(ps -o stat= -p "$2" 2>/dev/null)" =~ ^[^Z] ]] || return 1
     sleep 1
   done
   return 1
