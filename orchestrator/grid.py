@@ -292,17 +292,40 @@ def _cell_values(spec: SweepSpec) -> list[dict[str, Any]]:
     return cells
 
 
+def _axis_problems(spec: SweepSpec) -> list[Problem]:
+    """Each axis value on its own (the base config plus that value): a bad value is reported
+    once, under its axis; a problem every value shares is the base config's, reported once
+    under the YAML key or the ``--set`` it came from (``SweepSpec.origin``)."""
+    found: list[tuple[str, int, Any, list[Problem]]] = []  # axis values may be unhashable
+    checks = [
+        (key, i, value) for key, values in spec.grid.items() for i, value in enumerate(values)
+    ]
+    for key, i, value in checks or [("", 0, None)]:
+        try:
+            cfg = TrialConfig.from_dict(_trial_dict(spec, {key: value} if key else {}))
+            _apply_size_resources(spec, cfg)
+            found.append((key, i, value, []))
+        except ConfigError as error:
+            found.append((key, i, value, error.problems))
+
+    def on_axis(key: str) -> bool:  # an axis sets this key: its problem is the axis value's
+        return any(
+            key == a or key.startswith(a + ".") or a.startswith(key + ".") for a in spec.grid
+        )
+
+    every = set.intersection(*(set(f[3]) for f in found))
+    shared = {p for p in every if not on_axis(p[0])}
+    problems = [(spec.origin(k), m) for k, m in dict.fromkeys(found[0][3]) if (k, m) in shared]
+    for key, i, value, found_here in found:
+        problems += [
+            (f"grid.{key}[{i}] = {value!r}: {k}", m) for k, m in found_here if (k, m) not in shared
+        ]
+    return problems
+
+
 def _cells(spec: SweepSpec) -> list[Cell]:
     """Every cell as a validated trial config; one ConfigError lists every bad one."""
-    problems: list[Problem] = []
-    # Each axis value on its own first: a bad value is reported once, under its axis.
-    for key, values in spec.grid.items():
-        for i, value in enumerate(values):
-            try:
-                cfg = TrialConfig.from_dict(_trial_dict(spec, {key: value}))
-                _apply_size_resources(spec, cfg)
-            except ConfigError as error:
-                problems += [(f"grid.{key}[{i}] = {value!r}: {k}", m) for k, m in error.problems]
+    problems = _axis_problems(spec)
     if problems:
         raise ConfigError(problems, spec.source)
     cells: list[Cell] = []

@@ -120,6 +120,16 @@ class SweepSpec:
     text: str  # the file as given (logged as an artifact)
     overrides: tuple[str, ...]  # --set items, then the pins: load_sweep(source, overrides, text)
     cost: CostConfig = dataclasses.field(default_factory=CostConfig)  # not part of to_dict
+    sets: tuple[str, ...] = ()  # the --set items alone (without the pins): where keys came from
+
+    def origin(self, key: str) -> str:
+        """Where the base config's ``key`` (a problem's dotted key) came from: ``--set item``
+        for the last ``--set`` that wrote it or a key above it, else ``key`` (the file's)."""
+        for item in reversed(self.sets):
+            given = canonical_key(item.partition("=")[0].strip())
+            if key == given or key.startswith(given + ".") or given.startswith(key + "."):
+                return f"--set {item}"
+        return key
 
     @property
     def tracking_uri(self) -> str:
@@ -386,6 +396,7 @@ def read_sweep(
         text=text,
         overrides=(*overrides, *pins),
         cost=cost,
+        sets=tuple(overrides),
     )
 
 

@@ -116,3 +116,36 @@ def test_dataset_shape_and_splits_are_checked(tmp_path):
         load_sweep(write(tmp_path, d))
     text = str(error.value)
     assert "has no split 'test'; it has ['train']" in text and "holds 3x8x8 images" in text
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("--set train.lrr=1", "--set train.lrr=1: unknown key (did you mean 'lr'?)"),
+        ("--set train.batch_size=abc", "--set train.batch_size=abc: expected an integer >= 1"),
+        ("yaml train.lrr", "train.lrr: unknown key (did you mean 'lr'?)"),
+    ],
+)
+def test_base_config_problem_is_reported_once_under_its_source(tmp_path, capsys, where, message):
+    d = {**SMALL, "grid": {"model.name": ["digits-xs", "digits-s"], "budget.steps": [10, 20]}}
+    if where.startswith("yaml"):
+        d = {**d, "train": {**d.get("train", {}), "lrr": 1}}
+        sets: list[str] = []
+    else:
+        sets = ["--set", where.removeprefix("--set ")]
+    path = write(tmp_path, d)
+    assert main(["submit", str(path), "--dry-run", *sets]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: {message}" in err, err
+    assert err.count("lrr" if "lrr" in where else "batch_size") == 1, err  # once, not per value
+    assert "grid." not in err, err  # not blamed on an axis
+
+
+def test_axis_problem_stays_under_its_axis_beside_a_base_problem(tmp_path):
+    d = {**SMALL, "grid": {"model.name": ["digits-xs", "digits-q"], "budget.steps": [10, 20]}}
+    with pytest.raises(ConfigError) as error:
+        load_sweep(write(tmp_path, d), ["train.lrr=1"])
+    keys = [k for k, _ in error.value.problems]
+    assert keys[0] == "--set train.lrr=1" and keys.count("--set train.lrr=1") == 1, keys
+    assert "grid.model.name[1] = 'digits-q': model.name" in keys, keys
+    assert not any(k.startswith("grid.") and "lrr" in k for k in keys), keys
