@@ -4,6 +4,9 @@
 #   cluster/local.sh up 2     # a head (0 CPUs, like the cloud head) + 2 worker nodes of 1 CPU each
 #   cluster/local.sh status   # the address to use and `ray status` for this cluster
 #   cluster/local.sh down     # stops exactly the processes `up` started
+#   cluster/local.sh add      # one more 1-CPU worker node (e.g. a replacement)
+#   cluster/local.sh nodes    # NAME SESSION-ID per node: head, worker1, worker2, ...
+#   cluster/local.sh kill-node worker2   # SIGKILL every process of that node: a lost machine
 #
 # `up` and `status` print an `export RAY_ADDRESS=... RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=...`
 # line; paste it into another shell, then:
@@ -29,7 +32,7 @@ START_TIMEOUT_S="${DIFFSCALE_LOCAL_TIMEOUT_S:-180}"  # a loaded 2-core machine n
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/auth_token"
 
 usage() {
-  sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 die() { echo "local.sh: $*" >&2; exit 2; }
@@ -68,11 +71,33 @@ alive_nodes() {  # number of active nodes `ray status` reports for this cluster
     | awk '/^Active:/{a=1; next} /^(Pending|Recent failures):/{a=0} a && /node_/{n++} END{print n+0}'
 }
 
-start_node() {  # start_node LOG ARGS... : one `ray start --block` in a new session
-  local log="$1"; shift
-  setsid "$RAY" start --block "$@" > "$log" 2>&1 < /dev/null &
+start_node() {  # start_node NAME ARGS... : one `ray start --block` in a new session
+  local name="$1"; shift
+  setsid "$RAY" start --block "$@" > "$STATE/logs/$name.log" 2>&1 < /dev/null &
   LAST_PID=$!
   echo "$LAST_PID" >> "$STATE/sessions"  # setsid execs in place: this pid is the session id
+  echo "$name $LAST_PID" >> "$STATE/nodes"
+}
+
+forget_node() {  # forget_node SID: a node that failed to start
+  sed -i "/^$1\$/d" "$STATE/sessions"
+  sed -i "/ $1\$/d" "$STATE/nodes"
+}
+
+start_worker() {  # start_worker NAME: a 1-CPU worker node, started again if it misses Ray's timeout
+  local attempt
+  for attempt in 1 2 3; do
+    # One at a time: on a small machine, raylets starting together can miss Ray's start
+    # timeout (30 s, fixed inside Ray); a node that missed it exits, and is started again.
+    # shellcheck disable=SC2046
+    start_node "$1" --address="$(address)" --num-cpus=1 --num-gpus=0 \
+      --disable-usage-stats $(node_ports)
+    wait_started "$STATE/logs/$1.log" "$LAST_PID" && return 0
+    echo "worker node $1 did not start (attempt $attempt of 3)" >&2
+    kill -KILL -- "-$LAST_PID" 2>/dev/null || true
+    forget_node "$LAST_PID"
+  done
+  return 1
 }
 
 node_ports() {  # the per-node ports that default to fixed numbers or must differ per raylet
@@ -101,29 +126,16 @@ cmd_up() {
   echo "$gcs" > "$STATE/gcs_port"; echo "$dash" > "$STATE/dashboard_port"
   # The head offers no CPUs: trials run only on worker nodes, as on the cloud configs.
   # shellcheck disable=SC2046
-  start_node "$STATE/logs/head.log" --head --num-cpus=0 --num-gpus=0 \
+  start_node head --head --num-cpus=0 --num-gpus=0 \
     --port="$gcs" --dashboard-port="$dash" --ray-client-server-port="$client" \
     --include-dashboard=true --dashboard-host=0.0.0.0 --temp-dir="$STATE/ray" \
     --disable-usage-stats $(node_ports)
   wait_head_ip || { echo "head did not start; its log:" >&2; tail -20 "$STATE/logs/head.log" >&2; cmd_down >&2; exit 1; }
   local i
-  for ((i = 1; i <= n; i++)); do
-    # One at a time: on a small machine, raylets starting together can miss Ray's start
-    # timeout (30 s, fixed inside Ray); a node that missed it exits, and is started again.
-    local attempt
-    for attempt in 1 2 3; do
-      # shellcheck disable=SC2046
-      start_node "$STATE/logs/worker$i.log" --address="$(address)" --num-cpus=1 --num-gpus=0 \
-        --disable-usage-stats $(node_ports)
-      wait_started "$STATE/logs/worker$i.log" "$LAST_PID" && break
-      echo "worker node $i did not start (attempt $attempt of 3)" >&2
-      kill -KILL -- "-$LAST_PID" 2>/dev/null || true
-      sed -i "/^$LAST_PID\$/d" "$STATE/sessions"  # forget the failed node's session
-    done
-  done
+  for ((i = 1; i <= n; i++)); do start_worker "worker$i" || true; done
   if ! wait_nodes $((n + 1)); then
     echo "only $(alive_nodes) of $((n + 1)) nodes joined; the last worker's log:" >&2
-    tail -20 "$STATE/logs/worker$i.log" >&2 2>/dev/null || true
+    tail -20 "$STATE/logs/worker$n.log" >&2 2>/dev/null || true
     cmd_down >&2
     exit 1
   fi
@@ -171,6 +183,38 @@ print_address() {  # what a client shell needs, ready to paste
   echo "#   http://$(cat "$STATE/head_ip"):$(cat "$STATE/dashboard_port")"
 }
 
+cmd_add() {  # one more worker node, named after the highest one so far
+  [[ -n "$(alive_sessions)" ]] || die "no local cluster running under $STATE (cluster/local.sh up N)"
+  PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"; export PATH
+  local last name
+  last="$(awk '$1 ~ /^worker[0-9]+$/ {n = substr($1, 7) + 0; if (n > m) m = n} END {print m + 0}' "$STATE/nodes")"
+  name="worker$((last + 1))"
+  # (no count of active nodes here: a killed node stays "active" until Ray's health check
+  # marks it dead, so the count can stand still while the new node joins)
+  start_worker "$name" \
+    || { echo "worker node $name did not join; its log:" >&2; tail -20 "$STATE/logs/$name.log" >&2; exit 1; }
+  echo "add: $name joined (session $(awk -v n="$name" '$1 == n {print $2}' "$STATE/nodes"))"
+}
+
+cmd_kill_node() {  # SIGKILL every process of one node, as when its machine disappears
+  local name="${1:-}" sid pid
+  [[ -n "$name" ]] || die "kill-node NAME: NAME is one of: $(awk '{printf "%s ", $1}' "$STATE/nodes" 2>/dev/null)"
+  sid="$(awk -v n="$name" '$1 == n {print $2}' "$STATE/nodes" 2>/dev/null | tail -1)"
+  [[ -n "$sid" ]] || die "kill-node: no node '$name' under $STATE (allowed: $(awk '{printf "%s ", $1}' "$STATE/nodes" 2>/dev/null))"
+  kill -KILL -- "-$sid" 2>/dev/null || true  # the node's process group ...
+  for pid in $(session_pids "$sid"); do kill -KILL "$pid" 2>/dev/null || true; done  # ... and session
+  echo "kill-node: SIGKILL sent to node $name (session $sid)"
+}
+
+cmd_nodes() {
+  [[ -f "$STATE/nodes" ]] || die "no local cluster under $STATE"
+  local name sid state
+  while read -r name sid; do
+    state=dead; [[ -n "$(session_pids "$sid")" ]] && state=alive
+    echo "$name $sid $state"
+  done < "$STATE/nodes"
+}
+
 cmd_status() {
   [[ -n "$(alive_sessions)" ]] || { echo "no local cluster running under $STATE"; exit 1; }
   print_address
@@ -197,6 +241,9 @@ case "${1:-}" in
   up) cmd_up "${2:-2}" ;;
   down) cmd_down ;;
   status) cmd_status ;;
+  add) cmd_add ;;
+  kill-node) cmd_kill_node "${2:-}" ;;
+  nodes) cmd_nodes ;;
   -h|--help|help) usage ;;
   *) usage >&2; exit 2 ;;
 esac

@@ -13,6 +13,9 @@
 #                               bucket credentials, the head's instance role / service account does.
 #   DIFFSCALE_MLFLOW_HOST       interface to listen on (default 0.0.0.0; --host overrides)
 #   DIFFSCALE_MLFLOW_PORT       port (default 5000; --port overrides)
+#   DIFFSCALE_MLFLOW_WORKERS    server processes (default 4; 1 is plenty for a small cluster)
+#   DIFFSCALE_MLFLOW_ALLOWED_HOSTS  Host headers accepted (default: localhost + private IPs); add
+#                               the head's public name if workers reach it by that name
 #   DIFFSCALE_MLFLOW_HOME       state dir for the auth config and user db (default ~/.diffscale-mlflow)
 #   DIFFSCALE_MLFLOW_AUTH_DB_URI  user/permission store for --auth (default sqlite in the state dir)
 #
@@ -33,7 +36,7 @@ else PY="$(command -v python3)"; fi
 MLFLOW="$(dirname "$PY")/mlflow"
 [[ -x "$MLFLOW" ]] || MLFLOW="$(command -v mlflow || true)"
 
-usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "mlflow-server.sh: $*" >&2; exit 2; }
 
 HOST="${DIFFSCALE_MLFLOW_HOST:-0.0.0.0}"
@@ -108,6 +111,10 @@ esac
 # Passed through the environment (MLFLOW_BACKEND_STORE_URI), so the URI never shows in `ps`.
 export MLFLOW_BACKEND_STORE_URI="$BACKEND"
 ARGS=(server --artifacts-destination "$ARTIFACTS" --serve-artifacts --host "$HOST" --port "$PORT")
+WORKERS="${DIFFSCALE_MLFLOW_WORKERS:-4}"
+[[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || die "DIFFSCALE_MLFLOW_WORKERS must be a whole number >= 1, got '$WORKERS'"
+ARGS+=(--workers "$WORKERS")
+[[ -z "${DIFFSCALE_MLFLOW_ALLOWED_HOSTS:-}" ]] || ARGS+=(--allowed-hosts "$DIFFSCALE_MLFLOW_ALLOWED_HOSTS")
 if [[ "$AUTH" == 1 ]]; then
   HOME_DIR="${DIFFSCALE_MLFLOW_HOME:-$HOME/.diffscale-mlflow}"
   mkdir -p "$HOME_DIR"; chmod 700 "$HOME_DIR"

@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 from diffusion.data.registry import builtin_dataset, default_features
 from diffusion.gaussian import LEARNED_VAR_TYPES, VAR_TYPES
@@ -268,6 +269,24 @@ class ResourcesConfig(Section):
     cpus_per_worker: float = spec(1.0, gt=0)  # fractions allowed (Ray resources)
 
 
+def _password_problem(key: str, uri: str) -> Problem | None:
+    """The problem of a URI that carries a password (``http://user:pw@host``): it would be
+    stored in sweep.json, MLflow params and log lines. The message masks it."""
+    try:
+        parsed = urlsplit(uri)
+        secret = parsed.password
+    except ValueError:
+        return None
+    if not secret:
+        return None
+    masked = uri.replace(f":{secret}@", ":***@", 1)
+    return key, (
+        f"{masked!r} holds a password; give credentials by reference, never in the URI: "
+        "MLflow's ~/.mlflow/credentials on every node (MLFLOW_TRACKING_USERNAME may be "
+        "set), for S3 an instance role, AWS_PROFILE or AWS_SHARED_CREDENTIALS_FILE"
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig(Section):
     """MLflow tracking server and experiment."""
@@ -278,7 +297,10 @@ class TrackingConfig(Section):
 
     def _check(self) -> list[Problem]:
         empty = [k for k in ("uri", "experiment") if getattr(self, k) == ""]
-        return [(k, "expected a non-empty string") for k in empty]
+        problems = [(k, "expected a non-empty string") for k in empty]
+        if self.uri and (problem := _password_problem("uri", self.uri)):
+            problems.append(problem)
+        return problems
 
     def resolve_uri(self) -> str:
         """The tracking URI; the SQLite default as an absolute path (Ray workers change cwd)."""
@@ -296,10 +318,18 @@ class StorageConfig(Section):
     section: ClassVar[str] = "storage"
     path: str = "./diffscale_runs"
     endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto)
+    # A local `path` that every node of a cluster mounts at the same place (NFS): lets a
+    # multi-node sweep use it instead of s3:// (see orchestrator.sweep.guards).
+    shared: bool = False
 
     def _check(self) -> list[Problem]:
         problem = uri_problem("path", self.path) if self.path else ("path", "expected a path")
-        return [problem] if problem else []
+        problems = [problem] if problem else []
+        for key in ("path", "endpoint_url"):
+            value = getattr(self, key)
+            if value and (problem := _password_problem(key, value)):
+                problems.append(problem)
+        return problems
 
     def resolve_path(self) -> str:
         """An absolute local path (Ray needs one; workers change cwd) or the URI unchanged."""

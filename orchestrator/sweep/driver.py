@@ -42,9 +42,29 @@ from orchestrator.sweep.store import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DRIVER_MEMORY", "SubmitResult", "progress_line", "run_sweep"]
+__all__ = [
+    "DRIVER_MEMORY",
+    "TUNE_LOGGER",
+    "SubmitResult",
+    "TuneResumeHintFilter",
+    "progress_line",
+    "run_sweep",
+]
 
 DRIVER_MEMORY = 64 * 2**20  # bytes reserved per Tune trial driver (a placeholder resource)
+TUNE_LOGGER = "ray.tune.tune"  # logs "Resume experiment with: Tuner.restore(...)" on Ctrl-C
+
+
+class TuneResumeHintFilter(logging.Filter):
+    """Drops Tune's own resume hint (``Tuner.restore(path=..., trainable=...)``, logged by
+    ``ray.tune.tune`` when a run is interrupted): a sweep continues with ``diffscale resume
+    NAME``, which the command prints instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+_RESUME_HINT_FILTER = TuneResumeHintFilter()
 
 
 # --------------------------------------------------------------------------- trainable
@@ -317,6 +337,7 @@ def run_sweep(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # progress comes from `say`, not Tune
     interrupted = False
     try:
+        logging.getLogger(TUNE_LOGGER).addFilter(_RESUME_HINT_FILTER)  # once: same object
         grid = _make_tuner(plan, store, retry_errored=retry_errored, say=say).fit()
     except KeyboardInterrupt:
         interrupted = True

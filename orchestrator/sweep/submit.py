@@ -2,8 +2,10 @@
 
 :func:`prepare` loads, validates and expands the sweep file before any Ray resource is
 taken and finds what its storage holds; :func:`submit` and :func:`resume` check that this
-machine (or the cluster in RAY_ADDRESS) can run it and hand it to the Tune driver
-(:mod:`orchestrator.sweep.driver`).
+machine (or the cluster in RAY_ADDRESS) can run it, run the guards of
+:mod:`orchestrator.sweep.guards` (shared storage and an MLflow server on many nodes,
+absolute paths inside a Ray job), all before anything is written, and hand it to the Tune
+driver (:mod:`orchestrator.sweep.driver`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from orchestrator.config import ConfigError, Problem
 from orchestrator.grid import SweepPlan, SweepSpec, load_plan
 from orchestrator.names import SWEEP_RECORD
 from orchestrator.sweep.driver import SubmitResult, run_sweep
+from orchestrator.sweep.guards import ClusterContext, check_sweep, in_ray_job, storage_arg_problems
 from orchestrator.sweep.store import SweepError, SweepStore, store_for, stored_record
 
 log = logging.getLogger(__name__)
@@ -117,6 +120,7 @@ def submit(
     spec = prepared.spec
     if problems := capacity_problems(prepared.plan):
         raise ConfigError(problems, spec.source)
+    check_sweep(spec)
     record = prepared.record or {
         "name": spec.name,
         "source": spec.source,
@@ -140,9 +144,13 @@ def resume(
 ) -> SubmitResult:
     """Continue sweep ``name`` after any interruption: finished trials are kept, the
     interrupted ones continue from their newest checkpoints, errored ones only if asked."""
+    here = ClusterContext(in_job=in_ray_job(os.environ), cwd=os.getcwd())
+    if problems := storage_arg_problems(storage_path, here):
+        raise ConfigError(problems)
     store = store_for(name, storage_path, endpoint_url)
     record = stored_record(store)
     plan = load_plan(record["source"], record["overrides"], text=record["text"])
     if problems := capacity_problems(plan):
         raise ConfigError(problems, plan.spec.source)
+    check_sweep(plan.spec)
     return run_sweep(plan, store, record, retry_errored=retry_errored, say=say)

@@ -2,9 +2,11 @@
 
 Running the same trial again with the same storage resumes it from its newest checkpoint;
 Ray's ``FailureConfig(max_failures)`` restarts crashed workers from the newest checkpoint
-too. Checkpoint folders are named by step (``checkpoint_step00000077``); the one at each
-grid cell's step is kept whatever ``train.keep_checkpoints`` says (see
-:mod:`orchestrator.trial.restore`). The workers run
+too. Every worker gets the driver's S3 endpoint, tracking URI and credentials by reference
+through ``RunConfig(worker_runtime_env=...)`` (:mod:`orchestrator.trial.env`: what travels,
+and why a secret never does). Checkpoint folders are named by step
+(``checkpoint_step00000077``); the one at each grid cell's step is kept whatever
+``train.keep_checkpoints`` says (see :mod:`orchestrator.trial.restore`). The workers run
 :func:`orchestrator.trial.loop.train_loop_per_worker`.
 """
 
@@ -17,6 +19,7 @@ from diffusion.data.storage import resolve
 from diffusion.flops import forward_flops_per_image
 from orchestrator.config import TrialConfig
 from orchestrator.names import CHECKPOINT_SCORE, DATASETS_DIR
+from orchestrator.trial.env import worker_env
 from orchestrator.trial.loop import train_loop_per_worker
 from orchestrator.trial.restore import checkpoints_to_keep
 
@@ -61,11 +64,14 @@ def run_trial(
     total_steps = cfg.budget.total_steps(
         cfg.train.batch_size, forward_flops_per_image(cfg.model_config())
     )
+    env = worker_env(os.environ, cfg.tracking.uri)
     if not ray.is_initialized():
+        joins = bool(os.environ.get("RAY_ADDRESS"))  # a cluster: its nodes need the env too
         ray.init(
             address=os.environ.get("RAY_ADDRESS") or "local",
             include_dashboard=False,
             log_to_driver=True,
+            runtime_env={"env_vars": env} if joins and env else None,
         )
     storage, storage_fs = cfg.storage.path, None
     if storage.startswith("s3://"):  # explicit filesystem: honours the endpoint override
@@ -97,6 +103,7 @@ def run_trial(
                 checkpoint_score_order="max",
             ),
             callbacks=list(callbacks or []),
+            worker_runtime_env={"env_vars": env},
         ),
     )
     return trainer.fit()

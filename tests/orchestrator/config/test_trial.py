@@ -167,7 +167,7 @@ BAD = [
     ("tracking", "url", "x", "unknown key (did you mean 'uri'?); allowed: ['uri', 'experiment']"),
     ("tracking", "uri", 5, "expected null or a string, got 5"),
     ("tracking", "experiment", "", "expected a non-empty string"),
-    ("storage", "bucket", "b", "unknown key; allowed: ['path', 'endpoint_url']"),
+    ("storage", "bucket", "b", "unknown key; allowed: ['path', 'endpoint_url', 'shared']"),
     ("storage", "path", "gs://b/runs", "scheme 'gs' in 'gs://b/runs'; allowed: ['local path'"),
     ("storage", "path", "s3:///runs", "names no bucket; expected s3://bucket/prefix"),
 ]

@@ -314,3 +314,54 @@ def test_errored_trial_is_kept_until_retried(cluster):
     retried = call(cluster, "resume", "er", *where, "--retry-errored", timeout=600)
     assert retried.returncode == 0, retried.stdout + retried.stderr
     assert re.search(r"er-t00\s+digits-xs\s+FINISHED\s+20/20", retried.stdout), retried.stdout
+
+
+def test_ctrl_c_shows_diffscale_resume_not_tunes_restore_hint(cluster):
+    """Ctrl-C (SIGINT to the command's process group) stops the sweep with exit 130 and the
+    hint `diffscale resume NAME`; Tune's own `Tuner.restore(path=..., trainable=...)` line,
+    which the sweep's users never call, is filtered out. `status --mlflow` adds the run ids."""
+    root, env = cluster
+    path = write_sweep(root, "ci", budget={"steps": 5000})
+    log = root / "ci-submit.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cli("submit", str(path)),
+            env=env,
+            cwd=root,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: state(root, "ci", "ci-t00").get("step", 0) >= 10, proc, log)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "interrupted: `diffscale resume ci` continues it" in text, text[-3000:]
+    assert "Tuner.restore" not in text and "Resume experiment with" not in text, text[-3000:]
+
+    where = ["--storage", str(root / "runs")]
+    plain = json.loads(call(cluster, "status", "ci", *where, "--json").stdout)
+    assert plain["mlflow"] is False and plain["trials"][0]["mlflow_run"] is None
+    with_runs = json.loads(call(cluster, "status", "ci", *where, "--json", "--mlflow").stdout)
+    _, trials, _ = runs_by_trial(root, "ci")
+    assert with_runs["trials"][0]["mlflow_run"] == trials["ci-t00"].info.run_id
+    table = call(cluster, "status", "ci", *where, "--mlflow").stdout
+    assert re.search(r"ci-t00\s+digits-xs\s+INTERRUPTED\s+\d+/5000\s.*\s[0-9a-f]{12}\n", table)
+
+
+def test_the_filtered_logger_is_the_one_tune_reports_interrupts_on():
+    """Tune logs its resume hint from ray.tune.tune's module logger; the filter sits there."""
+    import ray.tune.tune
+
+    from orchestrator.sweep.driver import TUNE_LOGGER, TuneResumeHintFilter
+
+    assert ray.tune.tune.logger.name == TUNE_LOGGER
+    hint = 'Experiment has been interrupted.\nResume experiment with: Tuner.restore(path="p")'
+    record = ray.tune.tune.logger.makeRecord(TUNE_LOGGER, 30, __file__, 1, hint, (), None)
+    assert not TuneResumeHintFilter().filter(record)
+    other = ray.tune.tune.logger.makeRecord(TUNE_LOGGER, 30, __file__, 1, "Stop signal", (), None)
+    assert TuneResumeHintFilter().filter(other)
