@@ -123,8 +123,9 @@ def train_step(
     under autocast; the diffusion math stays in float32. ``check_finite`` raises
     FloatingPointError on a non-finite loss before the update (one host sync); without it
     the caller must check ``"objective"`` itself. Returns detached per-example tensors:
-    "t", "loss", "mse", "vb" (when the objective has them), the weighted scalar "objective"
-    and, with clipping, "grad_norm".
+    "t", "loss", "mse", "vb" (when the objective has them), "weights" (the Eq. 18 weights
+    1 / (T p_t) of each example; all ones for the uniform sampler), the weighted scalar
+    "objective" and, with clipping, "grad_norm".
     """
     device = x_start.device
     t, weights = draw_timesteps(sampler, x_start.shape[0], device, generator)
@@ -150,6 +151,7 @@ def train_step(
     if ema is not None:
         ema.update(model)
     out["t"] = t
+    out["weights"] = weights.detach()
     out["objective"] = objective.detach()
     return out
 

@@ -12,6 +12,11 @@ TRAIN_LOSS = "train/loss"
 TRAIN_MSE = "train/mse"
 TRAIN_VB = "train/vb"
 TRAIN_QUARTILES = 4  # train/loss_q0 .. train/loss_q3, by quartile of t
+# per log window: the per-example variance of the importance-weighted objective terms (Eq. 18's
+# target), and the mean and across-step variance of the gradient norm (trial/window.py)
+TRAIN_OBJECTIVE_VAR = "train/objective_var"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TRAIN_GRAD_NORM_VAR = "train/grad_norm_var"
 
 
 def train_loss_quartile(q: int) -> str:

@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Worker", "build_worker", "train_loop_per_worker"]
 
 FLUSH_TIMEOUT_S = 30.0
+NODES_TAG = "nodes"  # MLflow tag: the Ray node id of every rank, in rank order
+RESUMED_TAG = "resumed_at_step"  # MLflow tag: the checkpoint step the latest attempt began at
 
 
 # --------------------------------------------------------------------------- setup
@@ -111,7 +113,7 @@ class Worker:
             rng=RankRng(
                 torch=torch.get_rng_state(),
                 generator=self.generator.get_state(),
-                window=self.window.sums.detach().to("cpu", copy=True),
+                window=self.window.state(),  # the partial log window (sums and spread)
                 cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             ),
         )
@@ -127,7 +129,7 @@ class Worker:
         if state.rng.cuda is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state.rng.cuda, self.device)
         self.generator.set_state(state.rng.generator)
-        self.window.sums.copy_(state.rng.window)  # a partial window survives the checkpoint
+        self.window.load_state(state.rng.window)  # a partial window survives the checkpoint
         self.step, self.images, self.run_id = state.step, state.images, state.mlflow_run_id
         self.eval_flops = state.eval_flops
 
@@ -238,9 +240,18 @@ def train_one_step(w: Worker, x: torch.Tensor) -> dict[str, torch.Tensor]:
     )
     w.step += 1
     w.images += w.global_batch
-    w.window.add(terms)
+    w.window.add(terms, grad_norm=_grad_norm(w.model, terms))
     w.watch.observe(w.step, terms["objective"])
     return terms
+
+
+def _grad_norm(model: torch.nn.Module, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The step's global gradient norm before clipping (a device scalar, no host sync):
+    clipping's own, else computed from the gradients the step left (DDP averaged them)."""
+    if "grad_norm" in terms:
+        return terms["grad_norm"]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads)
 
 
 def stop_if_non_finite(w: Worker) -> None:
@@ -320,6 +331,20 @@ def report_checkpoint(state: TrialState, metrics: dict[str, float], *, pinned: b
 
 
 # --------------------------------------------------------------------------- the loop
+def worker_nodes(world: int) -> str:
+    """The Ray node id of every rank, comma-separated in rank order (a collective when
+    ``world`` > 1: every rank calls it once, after DDP is set up)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not dist.is_initialized():
+        return node
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, node)
+    return ",".join(str(n) for n in nodes)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """The Ray Train worker; ``loop_config`` = {"trial": TrialConfig.to_dict(), "data_uri",
     "data_endpoint"} and optionally the MLflow run's "tags" and "parent_run_id"."""
@@ -347,7 +372,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.info("rank %d resumed at step %d from %s", rank, w.step, restored)
 
     w.model = ray.train.torch.prepare_model(w.model)  # DDP (gloo on CPU, NCCL on GPU)
-    tracker = open_run(w, loop_config) if rank == 0 else None
+    where = {NODES_TAG: worker_nodes(world)}  # which machines ran it (after a node loss too)
+    if restored is not None:
+        where[RESUMED_TAG] = str(w.step)
+    tags = {**loop_config.get("tags", {}), **where}
+    tracker = open_run(w, {**loop_config, "tags": tags}) if rank == 0 else None
     batches: Iterator = w.loader.batches()
     clock = Clock()
     clock.last_log = (clock.started, w.images)

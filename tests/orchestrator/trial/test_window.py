@@ -22,6 +22,7 @@ def test_window_averages_by_quartile_of_t_and_starts_over():
             "train/loss_q1": 5.0,
             "train/loss_q2": 2.0,
             "train/loss_q3": 7.0,
+            "train/objective_var": 20.0 / 3,  # step 1: deviations from 4; step 2: B = 1
         }
     )
     assert torch.count_nonzero(window.sums) == 0  # the next window starts empty
