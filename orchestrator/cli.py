@@ -1,4 +1,9 @@
-"""The ``diffscale`` command."""
+"""The ``diffscale`` command.
+
+Building the parser stays light (tests/test_cli_imports.py): every subcommand module imports
+torch, Ray, MLflow, scipy, matplotlib, pyarrow and pandas inside its handlers, so that
+``diffscale status`` and ``--help`` answer in about a second.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,10 @@ from typing import NoReturn
 
 from tabulate import tabulate
 
-from diffusion.data.registry import DATASETS
-from diffusion.likelihood import NLL_KINDS
-from diffusion.metrics.registry import FEATURE_EXTRACTORS
-from diffusion.sampling import SAMPLING_METHODS
 from orchestrator.analysis.commands import add_parsers as add_analysis_parsers
 from orchestrator.analysis.optimal import add_parser as add_isoflop_parser
+from orchestrator.analysis.summary import add_parser as add_summary_parser
+from orchestrator.choices import DATASET_NAMES, FEATURE_EXTRACTOR_NAMES, NLL_KINDS, SAMPLING_METHODS
 from orchestrator.names import EVAL_RESULT_FILE
 from orchestrator.progress import Ticker
 from orchestrator.sweep.commands import add_parsers as add_sweep_parsers
@@ -331,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a dataset to Parquet shards plus a manifest, locally or on S3. "
         "Re-running to the same --out skips an identical complete dataset.",
     )
-    *others, last = DATASETS
+    *others, last = DATASET_NAMES
     prep.add_argument("name", help=f"{', '.join(others)} or {last}")
     prep.add_argument("--out", required=True, help="output: a directory or s3://bucket/prefix")
     prep.add_argument(
@@ -380,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sample-method", default="ancestral", choices=list(SAMPLING_METHODS))
     ev.add_argument(
         "--features",
-        choices=sorted(FEATURE_EXTRACTORS),
+        choices=list(FEATURE_EXTRACTOR_NAMES),
         default=None,
         help="feature network (default: digits for digits, else inception)",
     )
@@ -433,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parsers(sub)
     add_analysis_parsers(sub)
     add_isoflop_parser(sub)
+    add_summary_parser(sub)
     return parser
 
 

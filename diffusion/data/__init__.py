@@ -10,26 +10,57 @@
 - ``loader``: ``ShardLoader``, the deterministic, resumable, DDP-aware batch stream.
 """
 
-from diffusion.data.digits import DIGITS_TEST_SIZE, load_digits_uint8
-from diffusion.data.loader import ShardLoader
-from diffusion.data.prepare import PREPARERS, PrepareResult, prepare_dataset
-from diffusion.data.registry import (
-    DATASETS,
-    DatasetSpec,
-    builtin_dataset,
-    default_features,
-    get_dataset,
-)
-from diffusion.data.shards import (
-    IncompleteDatasetError,
-    Manifest,
-    ShardChecksumError,
-    ShardDataset,
-    SplitInfo,
-    open_dataset,
-)
-from diffusion.data.storage import resolve
-from diffusion.images import to_model_range
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diffusion.data.digits import DIGITS_TEST_SIZE, load_digits_uint8
+    from diffusion.data.loader import ShardLoader
+    from diffusion.data.prepare import PREPARERS, PrepareResult, prepare_dataset
+    from diffusion.data.registry import (
+        DATASETS,
+        DatasetSpec,
+        builtin_dataset,
+        default_features,
+        get_dataset,
+    )
+    from diffusion.data.shards import (
+        IncompleteDatasetError,
+        Manifest,
+        ShardChecksumError,
+        ShardDataset,
+        SplitInfo,
+        open_dataset,
+    )
+    from diffusion.data.storage import resolve
+    from diffusion.images import to_model_range
+
+# Imported on first use: ``from diffusion.data import storage`` (the sweep store, configs)
+# loads neither torch nor scikit-learn. Each name -> the module that defines it.
+_WHERE = {
+    **dict.fromkeys(("DIGITS_TEST_SIZE", "load_digits_uint8"), "diffusion.data.digits"),
+    "ShardLoader": "diffusion.data.loader",
+    **dict.fromkeys(("PREPARERS", "PrepareResult", "prepare_dataset"), "diffusion.data.prepare"),
+    **dict.fromkeys(
+        ("DATASETS", "DatasetSpec", "builtin_dataset", "default_features", "get_dataset"),
+        "diffusion.data.registry",
+    ),
+    **dict.fromkeys(
+        (
+            "IncompleteDatasetError",
+            "Manifest",
+            "ShardChecksumError",
+            "ShardDataset",
+            "SplitInfo",
+            "open_dataset",
+        ),
+        "diffusion.data.shards",
+    ),
+    "resolve": "diffusion.data.storage",
+    "to_model_range": "diffusion.images",
+}
 
 __all__ = [
     "DATASETS",
@@ -52,3 +83,9 @@ __all__ = [
     "resolve",
     "to_model_range",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

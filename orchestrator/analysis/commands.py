@@ -3,6 +3,9 @@ sweep's MLflow experiment (or, for ``fit``, from a plain CSV/Parquet table).
 
 Exit codes: 0 ok, 2 bad input (the message names the file, column, experiment or flag and
 what is allowed), 1 failure (tracking server, fitter or file system).
+
+The fitters, plots and MLflow queries are imported by the handlers, not here: building the
+``diffscale`` parser loads no MLflow, scipy, matplotlib or pyarrow.
 """
 
 from __future__ import annotations
@@ -13,18 +16,12 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-from mlflow.exceptions import MlflowException
 from tabulate import tabulate
 
-from orchestrator.analysis import fit as F
-from orchestrator.analysis import report
-from orchestrator.analysis.fit import FORMS
-from orchestrator.analysis.paper import ablation_rows, human_count
-from orchestrator.analysis.query import QueryError, load_runs, metric_columns
+from orchestrator.choices import FIT_FORMS
 from orchestrator.names import (
     ANALYSIS_FIT_FILE,
     COMPUTE_FLOPS,
@@ -39,12 +36,16 @@ from orchestrator.names import (
     SIZE_TAG,
 )
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 __all__ = ["add_parsers", "cmd_fit", "cmd_table", "fit_name"]
 
 METRIC_ALIASES = {"nll": EVAL_NLL, "fid": EVAL_FID}
 FD_FALLBACK = {EVAL_FID: EVAL_DIGITS_FD}  # the digits dataset logs a digits-feature FD
 PARAMS_COL, FLOPS_COL, IMAGES_COL = f"params.{MODEL_PARAMS_PARAM}", COMPUTE_FLOPS, COMPUTE_IMAGES
 TABLE_COLUMNS = ("Iters", "T", "Schedule", "Objective", "NLL", "FID", "paper NLL", "paper FID")
+FD_COLUMN = {EVAL_FID: "FID", EVAL_DIGITS_FD: "digits FD"}  # table header of each FD metric
 
 
 class BadInput(ValueError):
@@ -83,6 +84,8 @@ def resolve_metric(table: pa.Table, metric: str) -> str:
     fallback = FD_FALLBACK.get(metric)
     if fallback and _valid(table, fallback):
         return fallback
+    from orchestrator.analysis.query import metric_columns
+
     logged = [c for c in metric_columns(table) if _valid(table, c)]
     raise BadInput(
         f"metric {metric!r} was not logged; metrics with values: {', '.join(logged) or 'none'} "
@@ -145,6 +148,10 @@ def _predictions(fit: Any, form: str, values: list[float] | None) -> list[dict[s
 
 def _fit_sweep(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any], list[Path]]:
     """Load the sweep, fit, plot. Returns (FitResult, extra JSON fields, plot paths)."""
+    from orchestrator.analysis import fit as F
+    from orchestrator.analysis import report
+    from orchestrator.analysis.query import load_runs
+
     x = args.x or "compute"
     if x not in ("compute", "params"):
         raise BadInput(f"--x for a sweep must be 'compute' or 'params', got {x!r}")
@@ -227,6 +234,9 @@ def _fit_sweep(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any]
 
 
 def _fit_table(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any], list[Path]]:
+    from orchestrator.analysis import fit as F
+    from orchestrator.analysis import report
+
     kw = {
         "seed": args.seed,
         **({"bootstrap": args.bootstrap} if args.bootstrap is not None else {}),
@@ -270,6 +280,11 @@ def _fit_table(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, Any]
 
 def cmd_fit(args: argparse.Namespace) -> int:
     """``diffscale fit``: see the subcommand's help."""
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.analysis import report
+    from orchestrator.analysis.query import QueryError
+
     if bool(args.name) == bool(args.table):
         print_error("fit", "give exactly one of NAME (a sweep's MLflow experiment) or --table FILE")
         return 2
@@ -345,6 +360,11 @@ def fit_name(metric: str, x: str, form: str, *, all_points: bool = False) -> str
 
 def cmd_table(args: argparse.Namespace) -> int:
     """``diffscale table``: see the subcommand's help."""
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.analysis.paper import ablation_rows, human_count
+    from orchestrator.analysis.query import QueryError, load_runs
+
     try:
         table = load_runs(args.name, tracking_uri=args.tracking_uri, metrics=[f"{EVAL_PREFIX}*"])
         if table.num_rows == 0:
@@ -380,11 +400,17 @@ def cmd_table(args: argparse.Namespace) -> int:
         ]
         for r in rows
     ]
+    # the FD column is named after the metric its rows show: FID, or the digits-feature FD
+    shown = sorted({r["FID metric"] for r in rows if r["FID metric"]})
+    fd_column = " / ".join(FD_COLUMN.get(m, m) for m in shown) or "FID"
+    headers = [fd_column if c == "FID" else c for c in TABLE_COLUMNS]
     print(f"diffscale table: {args.name} ({len(rows)} cells)")
-    print(tabulate(body, headers=[*TABLE_COLUMNS, "trial"], disable_numparse=True))
-    used = sorted({m for r in rows for m in (r["NLL metric"], r["FID metric"]) if m})
+    print(tabulate(body, headers=[*headers, "trial"], disable_numparse=True))
+    nll_from = sorted({r["NLL metric"] for r in rows if r["NLL metric"]})
+    fd_from = sorted({r["FID metric"] for r in rows if r["FID metric"]})
     print(
-        f"NLL, FID from: {', '.join(used) or 'nothing logged'}; paper: ImageNet 64x64, "
+        f"NLL from: {', '.join(nll_from) or 'nothing logged'}; {fd_column} from: "
+        f"{', '.join(fd_from) or 'nothing logged'}; paper: ImageNet 64x64, "
         "Nichol & Dhariwal 2021 (matched on Iters, T, Schedule, Objective)"
     )
     return 0
@@ -412,7 +438,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="sweep: metric to fit, e.g. eval/nll_bpd, eval/fid (eval/digits_fd "
         "if no eval/fid); aliases nll, fid",
     )
-    fit.add_argument("--form", choices=FORMS, default="henighan")
+    fit.add_argument("--form", choices=FIT_FORMS, default="henighan")
     fit.add_argument("--x", help="sweep: compute (default) or params; table: the x column")
     fit.add_argument("--y", help="table, henighan/power: the y column")
     fit.add_argument("--n", help="table, chinchilla: the parameter-count column")

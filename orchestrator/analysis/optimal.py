@@ -8,6 +8,7 @@
    (:func:`~orchestrator.analysis.isoflop.chinchilla_allocation`).
 
 Exit codes as ``diffscale fit``: 0 ok, 2 bad input, 1 failure of the tracking server or files.
+The fitters, the plot and MLflow are imported by the handler (the parser stays light).
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from mlflow.exceptions import MlflowException
 from tabulate import tabulate
 
-from orchestrator.analysis import report
 from orchestrator.analysis.commands import (
     IMAGES_COL,
     METRIC_ALIASES,
@@ -34,10 +33,10 @@ from orchestrator.analysis.commands import (
     print_error,
     resolve_metric,
 )
-from orchestrator.analysis.fit import fit_chinchilla
-from orchestrator.analysis.isoflop import ComputeOptimal, chinchilla_allocation, fit_isoflop
-from orchestrator.analysis.query import QueryError, cell_rows, load_runs
 from orchestrator.names import ANALYSIS_FIT_FILE, COMPUTE_PREFIX, EVAL_NLL, EVAL_PREFIX
+
+if TYPE_CHECKING:
+    from orchestrator.analysis.isoflop import ComputeOptimal
 
 __all__ = ["add_parser", "cmd_isoflop", "flops_budgets"]
 
@@ -71,6 +70,8 @@ def _line(name: str, a: float, interval: tuple[float, float], level: float) -> l
 
 
 def _profile_rows(result: ComputeOptimal) -> list[list[Any]]:
+    from orchestrator.analysis import report
+
     rows = []
     for p in result.profiles:
         best = int(np.argmin(p.metric))
@@ -88,6 +89,11 @@ def _profile_rows(result: ComputeOptimal) -> list[list[Any]]:
 
 
 def _analyse(args: argparse.Namespace) -> tuple[dict[str, Any], ComputeOptimal, Path]:
+    from orchestrator.analysis import report
+    from orchestrator.analysis.fit import fit_chinchilla
+    from orchestrator.analysis.isoflop import chinchilla_allocation, fit_isoflop
+    from orchestrator.analysis.query import cell_rows, load_runs
+
     keys = [METRIC_ALIASES.get(args.metric, args.metric), f"{EVAL_PREFIX}*", f"{COMPUTE_PREFIX}*"]
     table = load_runs(args.name, tracking_uri=args.tracking_uri, metrics=keys)
     if table.num_rows == 0:
@@ -133,6 +139,11 @@ def _analyse(args: argparse.Namespace) -> tuple[dict[str, Any], ComputeOptimal, 
 
 def cmd_isoflop(args: argparse.Namespace) -> int:
     """``diffscale isoflop``: see the subcommand's help."""
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.analysis import report
+    from orchestrator.analysis.query import QueryError
+
     if args.bootstrap is not None and args.bootstrap < 0:
         print_error("isoflop", f"--bootstrap must be >= 0, got {args.bootstrap}")
         return 2

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter
 from mlflow import MlflowClient
 from tabulate import tabulate
 
@@ -49,8 +49,12 @@ __all__ = [
     "fit_summary",
     "fit_table",
     "human_tick",
+    "isoflop_figure",
     "log_report",
+    "log_ticks",
     "metric_label",
+    "metric_vs_compute_figure",
+    "metric_vs_params_figure",
     "plot_isoflop",
     "plot_metric_vs_compute",
     "plot_metric_vs_params",
@@ -66,6 +70,10 @@ SAMPLING_PATTERN = re.compile(
     rf"^{re.escape(SAMPLING_PREFIX)}(?P<fd>[^/]+)/(?P<method>[^/]+)/(?P<steps>\d+)$"
 )
 _DPI = 240  # 1536 x 1152 pixels at the default 6.4 x 4.8 in: 2x a screen's 120 dpi
+MAX_TICK_LABELS = 8  # labels of a log x axis ("0.72M", "4T"): at most this many ...
+MIN_TICK_GAP = 0.08  # ... and at least this fraction of the axis apart, so none touch
+# labelled mantissas of a log axis, sparsest first: 1 (decades), 1-2-5, 1-2-3-5-7, all
+_MANTISSAS = ((1,), (1, 2, 5), (1, 2, 3, 5, 7), tuple(range(1, 10)))
 
 # axis labels with units, by metric key (anything else is shown as its key)
 METRIC_LABELS = {
@@ -162,20 +170,51 @@ def human_tick(value: float, _pos: Any = None) -> str:
     return f"{value:g}"
 
 
-def _human_log_axis(axis: Any) -> None:
-    """Engineering-unit ticks on a log axis; the minor ones labelled too when it spans
-    less than a decade (otherwise it would carry no label at all)."""
+def _spaced(ticks: Sequence[float], lo: float, hi: float) -> bool:
+    """Whether ``ticks`` (sorted, inside [lo, hi]) are 2 to MAX_TICK_LABELS, each at least
+    MIN_TICK_GAP of the log axis from the next."""
+    gaps = np.diff(np.log(ticks)) / math.log(hi / lo)
+    return 2 <= len(ticks) <= MAX_TICK_LABELS and bool(np.all(gaps >= MIN_TICK_GAP))
+
+
+def log_ticks(lo: float, hi: float, values: Iterable[float] | None = None) -> list[float] | None:
+    """Labelled tick positions of a log axis that shows [lo, hi] (``lo`` > 0): ``values``
+    (e.g. the model sizes) where they are few and far enough apart; else the richest of the
+    mantissa sets 1, 1-2-5, 1-2-3-5-7, 1..9 that fits (2 to MAX_TICK_LABELS ticks, at least
+    MIN_TICK_GAP of the axis apart); else three round values across a very short axis; None
+    when even the decades are too many (matplotlib's own locator then thins them)."""
+    if values is not None:
+        chosen = sorted({float(v) for v in values if lo <= v <= hi})
+        if _spaced(chosen, lo, hi) or len(chosen) == 1:
+            return chosen
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    best = None
+    for mantissas in _MANTISSAS:
+        ticks = sorted(m * 10.0**k for k in decades for m in mantissas if lo <= m * 10.0**k <= hi)
+        if len(ticks) > MAX_TICK_LABELS:
+            break
+        if _spaced(ticks, lo, hi):
+            best = ticks
+    if best is None and len([k for k in decades if lo <= 10.0**k <= hi]) > MAX_TICK_LABELS:
+        return None
+    if best is None:  # no two round values inside: a sliver of one decade
+        quarters = np.geomspace(lo, hi, 5)[1:4]
+        for digits in (2, 3, 4, 6):  # as few digits as keep three distinct, spaced ticks
+            best = sorted({float(f"{v:.{digits}g}") for v in quarters})
+            if _spaced(best, lo, hi) and len(best) == 3:
+                break
+    return best
+
+
+def _human_log_axis(axis: Any, values: Iterable[float] | None = None) -> None:
+    """Engineering-unit labels (0.7M, 1M, 3T) on a log axis at :func:`log_ticks`; the
+    unlabelled minor ticks stay as marks."""
     axis.set_major_formatter(FuncFormatter(human_tick))
-    lo, hi = axis.get_view_interval()
-    if lo > 0 and hi / lo < 30:  # label the minor ticks at 2, 3, 4, 5 and 7 x 10^k
-
-        def minor(value: float, pos: Any = None) -> str:
-            mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
-            return human_tick(value) if mantissa in (2, 3, 4, 5, 7) else ""
-
-        axis.set_minor_formatter(FuncFormatter(minor))
-    else:
-        axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    lo, hi = sorted(axis.get_view_interval())
+    ticks = log_ticks(lo, hi, values) if lo > 0 else None
+    if ticks:
+        axis.set_major_locator(FixedLocator(ticks))
 
 
 def _plain_log_axes(ax: Any, *, x: bool = True, y: bool = True) -> None:
@@ -230,19 +269,25 @@ def _fit_label(fit: FitResult) -> str:
 
 
 def plot_metric_vs_compute(
+    compute: np.ndarray, metric: np.ndarray, group: np.ndarray, path: str | Path, **kw: Any
+) -> Path:
+    """:func:`metric_vs_compute_figure` (keywords as there) as a PNG at ``path``."""
+    return _save(metric_vs_compute_figure(compute, metric, group, **kw), path)
+
+
+def metric_vs_compute_figure(
     compute: np.ndarray,
     metric: np.ndarray,
     group: np.ndarray,
-    path: str | Path,
     *,
     fit: FitResult | None = None,
     frontier: tuple[np.ndarray, np.ndarray] | None = None,
     metric_name: str = "metric",
     title: str | None = None,
-) -> Path:
+) -> Figure:
     """Log-log curves of ``metric [P]`` vs training ``compute [P]`` (FLOPs), one line per
     ``group [P]`` (model size), with the compute-efficient ``frontier`` (compute, metric)
-    and the fitted trend with its band; returns the PNG path."""
+    and the fitted trend with its band."""
     compute, metric, group = (
         np.asarray(compute, float),
         np.asarray(metric, float),
@@ -264,21 +309,27 @@ def plot_metric_vs_compute(
     _plain_log_axes(ax, x=False)
     _human_log_axis(ax.xaxis)
     _legend_outside(ax)
-    return _save(fig, path)
+    return fig
 
 
 def plot_metric_vs_params(
+    params: np.ndarray, metric: np.ndarray, path: str | Path, **kw: Any
+) -> Path:
+    """:func:`metric_vs_params_figure` (keywords as there) as a PNG at ``path``."""
+    return _save(metric_vs_params_figure(params, metric, **kw), path)
+
+
+def metric_vs_params_figure(
     params: np.ndarray,
     metric: np.ndarray,
-    path: str | Path,
     *,
     fit: FitResult | None = None,
     labels: Sequence[str] | None = None,
     metric_name: str = "metric",
     title: str | None = None,
-) -> Path:
+) -> Figure:
     """Log-log ``metric [K]`` vs parameter count ``params [K]`` (one point per model size,
-    at its largest compute), with the fitted trend; returns the PNG path."""
+    at its largest compute), with the fitted trend."""
     params, metric = np.asarray(params, float), np.asarray(metric, float)
     ylabel = metric_label(metric_name)
     fig, ax = _new_figure(title or f"{ylabel} vs parameters", PARAMS_LABEL, ylabel)
@@ -290,24 +341,22 @@ def plot_metric_vs_params(
     ax.set_xscale("log")
     ax.set_yscale("log")
     _plain_log_axes(ax, x=False)
-    if len(params):  # a tick at each size: 0.7M, 2.9M, 4.1M
-        ax.set_xticks(sorted(set(params.tolist())))
-        ax.xaxis.set_major_formatter(FuncFormatter(human_tick))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    _human_log_axis(ax.xaxis, params.tolist())  # a tick at each size: 0.7M, 2.9M, 4.1M
     _legend_outside(ax)
-    return _save(fig, path)
+    return fig
 
 
-def plot_isoflop(
-    result: ComputeOptimal,
-    path: str | Path,
-    *,
-    metric_name: str = "metric",
-    title: str | None = None,
-) -> Path:
+def plot_isoflop(result: ComputeOptimal, path: str | Path, **kw: Any) -> Path:
+    """:func:`isoflop_figure` (keywords as there) as a PNG at ``path``."""
+    return _save(isoflop_figure(result, **kw), path)
+
+
+def isoflop_figure(
+    result: ComputeOptimal, *, metric_name: str = "metric", title: str | None = None
+) -> Figure:
     """IsoFLOP profiles (Hoffmann et al. 2022, approach 2): ``metric`` against parameters,
     one curve per compute budget with its fitted parabola in log N; each located minimum
-    N_opt(C) is marked; returns the PNG path."""
+    N_opt(C) is marked."""
     ylabel = metric_label(metric_name)
     fig, ax = _new_figure(title or f"IsoFLOP profiles: {ylabel}", PARAMS_LABEL, ylabel)
     for i, profile in enumerate(result.profiles):
@@ -324,13 +373,9 @@ def plot_isoflop(
     if result.warnings:
         ax.set_xlabel(f"{ax.get_xlabel()}\ndotted: no minimum inside the sizes (see warnings)")
     ax.set_xscale("log")
-    sizes = sorted({float(n) for p in result.profiles for n in p.params})
-    if 0 < len(sizes) <= 8:  # a tick at each size while they stay readable
-        ax.set_xticks(sizes)
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-    ax.xaxis.set_major_formatter(FuncFormatter(human_tick))
+    _human_log_axis(ax.xaxis, [n for p in result.profiles for n in p.params])  # at each size
     _legend_outside(ax)
-    return _save(fig, path)
+    return fig
 
 
 def sampling_curves(table: pa.Table) -> dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]:

@@ -2,6 +2,10 @@
 
 Exit codes: 0 ok, 2 bad input (the message names the file, key and what is allowed), 1 a
 trial failed, 130 interrupted or cancelled (``diffscale resume`` continues it).
+
+Only argparse, tabulate and names are imported here: the handlers import the configs
+(torch), Ray, MLflow and storage (pyarrow) they need, so ``diffscale status`` reads a few
+small files without loading them.
 """
 
 from __future__ import annotations
@@ -10,35 +14,25 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
-from orchestrator.config import ConfigError, dataset_problems
-from orchestrator.grid import trial_table
 from orchestrator.names import EVAL_FD_KEYS, EVAL_NLL
-from orchestrator.sweep.driver import SubmitResult
-from orchestrator.sweep.status import cancel, status
-from orchestrator.sweep.store import SweepError
-from orchestrator.sweep.submit import capacity_problems, prepare, resume, submit
 
-__all__ = ["STATUS_HEADERS", "add_parsers", "print_status"]
+if TYPE_CHECKING:
+    from orchestrator.sweep.driver import SubmitResult
 
-STATUS_HEADERS = [
-    "trial",
-    "size",
-    "status",
-    "step",
-    "cells",
-    "eval at step",
-    "NLL bpd",
-    "FD",
-    "MLflow run",
-]
+__all__ = ["MLFLOW_HEADER", "STATUS_HEADERS", "add_parsers", "print_status"]
+
+STATUS_HEADERS = ["trial", "size", "status", "step", "cells", "eval at step", "NLL bpd", "FD"]
+MLFLOW_HEADER = "MLflow run"  # a last column when the report read MLflow (--mlflow)
 
 
 def print_status(report: dict) -> None:
     """The table of ``diffscale status``: one row per trial, then the errors."""
     rows = []
+    with_mlflow = report.get("mlflow", False)
     for r in report["trials"]:
         m = r["metrics"]
         fd = next((k for k in EVAL_FD_KEYS if k in m), None)
@@ -52,11 +46,13 @@ def print_status(report: dict) -> None:
                 r.get("metrics_step") or "-",  # the step the NLL and FD were measured at
                 f"{m[EVAL_NLL]:.4f}" if EVAL_NLL in m else "-",
                 f"{m[fd]:.4g}" if fd else "-",
-                (r["mlflow_run"] or "-")[:12],
+                *([(r["mlflow_run"] or "-")[:12]] if with_mlflow else []),
             ]
         )
     print(f"sweep {report['name']}: {report['state']}  (storage {report['storage']})")
-    print(tabulate(rows, headers=STATUS_HEADERS))
+    runs = "" if with_mlflow else "; a run per trial, named after it (--mlflow: their ids)"
+    print(f"MLflow: {report['tracking_uri']} (experiment {report['experiment']!r}){runs}")
+    print(tabulate(rows, headers=[*STATUS_HEADERS, *([MLFLOW_HEADER] if with_mlflow else [])]))
     for r in report["trials"]:
         if r["status"] == "ERROR" and r["error"]:
             print(f"\n{r['trial']} failed:\n  " + r["error"].strip().splitlines()[-1][:400])
@@ -67,6 +63,12 @@ def _say(msg: str) -> None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator.config import ConfigError, dataset_problems
+    from orchestrator.grid import trial_table
+    from orchestrator.sweep.status import status
+    from orchestrator.sweep.store import SweepError
+    from orchestrator.sweep.submit import capacity_problems, prepare, submit
+
     try:
         prepared = prepare(args.sweep, args.set, check_data=False)
     except (ConfigError, SweepError) as e:
@@ -116,6 +118,11 @@ def _exit_code(result: SubmitResult) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
+    from orchestrator.config import ConfigError
+    from orchestrator.sweep.status import status
+    from orchestrator.sweep.store import SweepError
+    from orchestrator.sweep.submit import resume
+
     try:
         result = resume(
             args.name,
@@ -132,9 +139,17 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator.sweep.status import status
+    from orchestrator.sweep.store import SweepError
+
     try:
-        report = status(args.name, storage_path=args.storage, endpoint_url=args.endpoint_url)
-    except (ConfigError, SweepError) as e:
+        report = status(
+            args.name,
+            storage_path=args.storage,
+            endpoint_url=args.endpoint_url,
+            with_mlflow=args.mlflow,
+        )
+    except (SweepError, ValueError) as e:  # ValueError: a storage URI it cannot read
         print(f"diffscale status: error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -145,12 +160,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
+    from orchestrator.sweep.status import cancel
+    from orchestrator.sweep.store import SweepError
+
     try:
         message = cancel(
             args.name, storage_path=args.storage, endpoint_url=args.endpoint_url, wait_s=args.wait
         )
         print(message)
-    except SweepError as e:
+    except (SweepError, ValueError) as e:
         print(f"diffscale cancel: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -198,6 +216,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("status", help="per-trial state, progress and latest metrics")
     _sweep_location(st)
     st.add_argument("--json", action="store_true", help="print one JSON document")
+    st.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="also look up each trial's MLflow run (seconds: imports MLflow, opens its store)",
+    )
     st.set_defaults(func=_cmd_status)
 
     cn = sub.add_parser("cancel", help="stop a running sweep (checkpoints are kept)")

@@ -1,7 +1,9 @@
 """What a sweep is doing, and how to stop it: ``diffscale status`` and ``diffscale cancel``.
 
-Both read the sweep's folder in storage (:mod:`orchestrator.sweep.store`); status adds each
-trial's newest MLflow run when the tracking server answers.
+Both read the sweep's folder in storage (:mod:`orchestrator.sweep.store`): a few small JSON
+files. Status asks MLflow for each trial's newest run only when asked to (``with_mlflow``,
+``diffscale status --mlflow``): importing MLflow and opening its store takes seconds, and the
+runs are named after the trials anyway.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ def status(
     *,
     storage_path: str | None = None,
     endpoint_url: str | None = None,
-    with_mlflow: bool = True,
+    with_mlflow: bool = False,
 ) -> dict[str, Any]:
     """The sweep's driver state and one row per trial: status, progress (``step`` of
-    ``total``), the latest eval point's ``metrics`` with their ``metrics_step``, and the
-    trial's MLflow run."""
+    ``total``), the latest eval point's ``metrics`` with their ``metrics_step``, and with
+    ``with_mlflow`` the trial's MLflow run (else ``mlflow_run`` is None)."""
     store = store_for(name, storage_path, endpoint_url)
     record = stored_record(store)
     driver = store.driver()
@@ -71,6 +73,8 @@ def status(
         "state": sweep_state,
         "storage": store.uri,
         "tracking_uri": record["tracking_uri"],
+        "experiment": record["experiment"],
+        "mlflow": with_mlflow,
         "parent_run_id": record.get("parent_run_id"),
         "driver": driver,
         "trials": rows,

@@ -358,6 +358,10 @@ def test_table_reproduces_the_paper_layout(uri, tmp_path, capsys) -> None:
 
     assert main(["table", sweep]) == 0
     lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("Iters"))
+    # one cell shows a digits-feature FD, the others FID: the column names both
+    assert "NLL    digits FD / FID    paper NLL" in header, header
+    assert "eval/digits_fd, eval/fid" in lines[-1], lines[-1]
     row = next(line for line in lines if line.startswith("1.5M"))
     assert row.split() == [
         "1.5M",
@@ -372,3 +376,15 @@ def test_table_reproduces_the_paper_layout(uri, tmp_path, capsys) -> None:
     ]
     assert main(["table", "missing-sweep"]) == 2
     assert "'missing-sweep' does not exist" in capsys.readouterr().err
+
+
+def test_table_names_the_fd_column_after_the_metric_it_shows(uri, tmp_path, capsys) -> None:
+    """A digits sweep logs eval/digits_fd (digits-classifier features), not FID: the column
+    says so; the paper's values keep their own name (paper FID)."""
+    sweep = _scaling_sweep(uri, tmp_path / "artifacts", fd=True)
+    assert main(["table", sweep, "--tracking-uri", uri]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("Iters")).split()
+    assert header[4:9] == ["NLL", "digits", "FD", "paper", "NLL"], header
+    assert "FID" not in header[:-2] and header[-3:] == ["paper", "FID", "trial"], header
+    assert "digits FD from: eval/digits_fd" in lines[-1], lines[-1]

@@ -103,3 +103,46 @@ def test_isoflop_refuses_a_sweep_without_a_flops_budget(uri, tmp_path, capsys) -
     err = capsys.readouterr().err
     assert "need a budget.flops grid axis" in err and "steps=" in err
     assert "Traceback" not in err
+
+
+def test_summary_says_in_words_what_the_fits_found(uri, tmp_path, capsys) -> None:
+    sweep = _isoflop_sweep(uri, tmp_path / "artifacts")
+    assert main(["summary", sweep]) == 0  # before any fit: the cells, and what to run
+    text = capsys.readouterr().out
+    assert f"not fitted yet (run: diffscale isoflop {sweep})" in text
+    assert f"not fitted yet (run: diffscale fit {sweep})" in text
+
+    assert main(["isoflop", sweep, "--bootstrap", "50", "--no-log", "--json"]) == 0
+    iso = json.loads(capsys.readouterr().out)["isoflop"]
+    assert main(["fit", sweep, "--form", "power", "--bootstrap", "50", "--no-log"]) == 0
+    capsys.readouterr()
+    assert main(["summary", sweep, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    # the winner at each budget is the size of lowest loss among those trained to it
+    for w in doc["winners"]:
+        profile = next(p for p in iso["profiles"] if p["compute"] == w["compute"])
+        assert w["params"] == profile["params"][int(np.argmin(profile["metric"]))]
+    assert len(doc["frontier"]) >= 3
+    assert all(
+        b["params"] > a["params"]
+        for a, b in zip(doc["frontier"], doc["frontier"][1:], strict=False)
+    )
+    assert doc["isoflop"]["isoflop"]["a"] == iso["a"]
+    assert doc["compute_fit"]["form"] == "power"
+
+    assert main(["summary", sweep]) == 0
+    text = capsys.readouterr().out
+    last = doc["winners"][-1]
+    assert f"the best size is {last['size']}" in text
+    assert "larger sizes win at larger budgets" in text
+    lo, hi = iso["interval"]
+    assert f"a = {iso['a']:.3g} [{lo:.3g}, {hi:.3g}] (95%)" in text
+    assert "Frontier law" in text and "alpha = " in text
+    assert f"mlflow ui --backend-store-uri {uri}" in text
+
+
+def test_summary_of_an_unknown_sweep_is_bad_input(uri, capsys) -> None:
+    assert main(["summary", "no-such-sweep"]) == 2
+    err = capsys.readouterr().err
+    assert "diffscale summary: error:" in err and "no-such-sweep" in err
+    assert "Traceback" not in err

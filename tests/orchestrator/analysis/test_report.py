@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from matplotlib.image import imread
 from mlflow import MlflowClient
 
 from orchestrator.analysis import report
 from orchestrator.analysis.fit import fit_power_law
+from orchestrator.analysis.isoflop import fit_isoflop
 from orchestrator.analysis.query import QueryError
 from orchestrator.names import ROLE_TAG, ROLE_TRIAL
 
@@ -129,3 +134,69 @@ def test_log_report_puts_files_on_the_parent_run(
     assert listed == {"analysis/compute.png", "analysis/fit.json"}
     local = client.download_artifacts(parent, "analysis/compute.png", str(tmp_path / "dl"))
     assert Path(local).read_bytes() == png.read_bytes()
+
+
+TICK = re.compile(r"^\d+(\.\d+)?[kMGTPE]?$")  # 0.7M, 1M, 50k, 0.22T: engineering units
+
+
+def _x_tick_labels(fig: Figure) -> list[str]:
+    """The x axis's visible tick labels, left to right, after drawing with Agg; asserts that
+    no two of them overlap."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    ax = fig.axes[0]
+    lo, hi = sorted(ax.get_xlim())
+    shown = [
+        t
+        for t in [*ax.get_xticklabels(), *ax.get_xticklabels(minor=True)]
+        if t.get_text() and lo <= t.get_position()[0] <= hi
+    ]
+    extents = [(t.get_window_extent(renderer), t.get_text()) for t in shown]
+    boxes = sorted((b.x0, b.x1, text) for b, text in extents)
+    for (_, right, left_text), (left, _, right_text) in itertools.pairwise(boxes):
+        assert left > right, f"tick labels {left_text!r} and {right_text!r} overlap"
+    return [text for _, _, text in boxes]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "expected"),
+    [
+        ([7.2e5, 2.9e6, 4.1e6], ["0.72M", "2.9M", "4.1M"]),  # the digits ladder
+        ([5e4, 1e5, 2e5, 4e5, 1e6], ["50k", "0.1M", "0.2M", "0.4M", "1M"]),
+        ([7e5, 1.2e6, 2e6, 4e6], ["0.7M", "1.2M", "2M", "4M"]),
+        ([7e5, 8e5, 9e5], ["0.7M", "0.8M", "0.9M"]),  # once "700000800000900000"
+        ([1e5, 1.1e5, 1e9], None),  # two sizes too close for a label each: round values
+        (np.geomspace(1e5, 1e9, 12), None),  # too many sizes for a label each
+    ],
+)
+def test_params_axes_label_sizes_readably(sizes, expected) -> None:
+    sizes = np.asarray(sizes, float)
+    metric = 3.0 - 0.1 * np.log(sizes / sizes[0])
+    labels = _x_tick_labels(report.metric_vs_params_figure(sizes, metric))
+    assert len(labels) >= 2 and all(TICK.match(t) for t in labels), labels
+    if expected is not None:
+        assert labels == expected
+    budgets = np.repeat([1e12, 2e12, 4e12], len(sizes))
+    n = np.tile(sizes, 3)
+    loss = 2.0 + 0.05 * (np.log(n) - np.log(np.sqrt(budgets) / 3)) ** 2
+    result = fit_isoflop(budgets, n, loss, bootstrap=10, seed=0)
+    iso = _x_tick_labels(report.isoflop_figure(result))
+    assert len(iso) >= 2 and all(TICK.match(t) for t in iso), iso
+    if expected is not None:
+        assert iso == expected
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"),
+    [(5e11, 4e12), (1e12, 2.5e13), (1e12, 1e17), (1e10, 1e20), (2e11, 3e11), (2.1e11, 2.6e11)],
+)
+def test_compute_axes_label_every_range_readably(lo: float, hi: float) -> None:
+    compute = np.geomspace(lo, hi, 8)
+    group = np.array(["s"] * 4 + ["m"] * 4, dtype=object)
+    fig = report.metric_vs_compute_figure(compute, 2.0 + (1e11 / compute) ** 0.3, group)
+    labels = _x_tick_labels(fig)
+    assert 2 <= len(labels) <= report.MAX_TICK_LABELS, labels
+    assert all(TICK.match(t) for t in labels), labels
+    if (lo, hi) == (5e11, 4e12):  # the demo's budgets
+        assert labels == ["0.5T", "0.7T", "1T", "2T", "3T"]
