@@ -398,6 +398,21 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+def _digits(
+    channels: int, blocks: int, mult: tuple[int, ...], attention: tuple[int, ...] = (16, 8)
+) -> UNetConfig:
+    """A UNet for the 8x8 grayscale digits (dropout 0.1)."""
+    return UNetConfig(
+        image_size=8,
+        in_channels=1,
+        model_channels=channels,
+        num_res_blocks=blocks,
+        channel_mult=mult,
+        attention_resolutions=attention,
+        dropout=0.1,
+    )
+
+
 # Named model sizes (STYLE principle 8: add entries, never change existing ones).
 MODEL_LADDER: dict[str, UNetConfig] = {
     # Nichol & Dhariwal 2021 scaling grid, ImageNet 64x64, 3 blocks, (1,2,3,4): 30.3M params
@@ -441,32 +456,19 @@ MODEL_LADDER: dict[str, UNetConfig] = {
         dropout=0.1,
     ),
     # 8x8 grayscale digits, 32 ch, 1 block, attention at 8x8 and 4x4 (middle): 0.72M params
-    "digits-xs": UNetConfig(
-        image_size=8,
-        in_channels=1,
-        model_channels=32,
-        num_res_blocks=1,
-        channel_mult=(1, 2),
-        dropout=0.1,
-    ),
+    "digits-xs": _digits(32, 1, (1, 2)),
     # 8x8 digits, 64 ch, 1 block: 2.9M params
-    "digits-s": UNetConfig(
-        image_size=8,
-        in_channels=1,
-        model_channels=64,
-        num_res_blocks=1,
-        channel_mult=(1, 2),
-        dropout=0.1,
-    ),
+    "digits-s": _digits(64, 1, (1, 2)),
     # 8x8 digits, 64 ch, 2 blocks: 4.1M params
-    "digits-m": UNetConfig(
-        image_size=8,
-        in_channels=1,
-        model_channels=64,
-        num_res_blocks=2,
-        channel_mult=(1, 2),
-        dropout=0.1,
-    ),
+    "digits-m": _digits(64, 2, (1, 2)),
+    # The demo's ladder of tiny sizes (sweeps/demo.yaml), about 2x apart in parameters:
+    # 32 ch, 1 block, one level (8x8), no attention: 0.18M params, 16 MFLOP/img
+    "digits-3xs": _digits(32, 1, (1,), attention=()),
+    # 32 ch, 1 block, levels 8x8 and 4x4, attention at 4x4: 0.32M params, 16 MFLOP/img
+    "digits-2xs": _digits(32, 1, (1, 1), attention=(4,)),
+    # 32 ch, 1 block, levels 8x8, 4x4 and 2x2 (64 ch below 8x8), attention at 4x4: 1.19M
+    # params for 33 MFLOP/img (digits-xs's compute, 1.7x its parameters)
+    "digits-xs3": _digits(32, 1, (1, 2, 2), attention=(4,)),
 }
 
 

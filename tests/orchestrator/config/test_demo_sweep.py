@@ -31,10 +31,12 @@ def test_demo_sweep_validates_and_dry_runs(capsys, tmp_path):
 def test_demo_grid_is_a_scaling_grid():
     plan = expand(load_sweep(DEMO))
     budgets = sorted(plan.spec.grid["budget.flops"])
-    assert len(budgets) >= 4
+    assert len(budgets) >= 5
     ratios = [b / a for a, b in itertools.pairwise(budgets)]
     assert all(math.isclose(r, 2.0, rel_tol=0.25) for r in ratios), ratios
     sizes = plan.spec.grid["model.name"]
     assert len(plan.trials) == len(sizes)  # one trial per size serves every budget
-    flops = [t.forward_flops for t in plan.trials]
-    assert flops == sorted(flops) and len(set(flops)) == len(flops), flops
+    params = [t.params for t in plan.trials]
+    assert params == sorted(params) and len(set(params)) == len(params), params
+    ratios = [b / a for a, b in itertools.pairwise(params)]  # a geometric ladder, ~2x apart
+    assert all(1.4 <= r <= 2.8 for r in ratios), ratios

@@ -138,7 +138,12 @@ BAD = [
     ("data", "dataset", "gs://b/d", "allowed: ['local path', 'file://', 's3://']"),
     ("model", "size", "digits-s", "unknown key; allowed: ['name', 'overrides']"),
     ("model", "name", 7, "expected one of ['imagenet64-w64'"),
-    ("model", "name", "huge", "'digits-xs', 'digits-s', 'digits-m'], got 'huge'"),
+    (
+        "model",
+        "name",
+        "huge",
+        "'digits-m', 'digits-3xs', 'digits-2xs', 'digits-xs3'], got 'huge'",
+    ),
     ("model", "overrides", [1], "expected a mapping, got [1]"),
     ("diffusion", "steps", 10, "unknown key; allowed: ['schedule', 'num_timesteps'"),
     ("diffusion", "schedule", "sqrt", "expected one of ['linear', 'cosine'], got 'sqrt'"),
