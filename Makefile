@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.diffscale-installed
 
-.PHONY: demo test lint format bench bench-gpu clean-venv
+.PHONY: demo paper test lint format bench bench-gpu clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,10 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/diffscale submit sweeps/demo.yaml
 	$(BIN)/diffscale fit demo --metric eval/nll_bpd --min-compute 4e11
-	@echo "Curves: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (experiment 'demo')"
-	@echo "Plots:  outputs/analysis/demo/nll_bpd-vs-compute-henighan/*.png (also on the sweep's MLflow parent run, under analysis/nll_bpd-vs-compute-henighan/)"
+	$(BIN)/diffscale isoflop demo --metric eval/nll_bpd
+	$(BIN)/diffscale summary demo --metric eval/nll_bpd
 	@echo "Samples: one grid per trial and eval point, under mlruns/<experiment>/<run>/artifacts/samples/ (listed above)"
-	@echo "More:   $(BIN)/diffscale status demo; $(BIN)/diffscale table demo; $(BIN)/diffscale fit demo --metric fid (its own folder); $(BIN)/diffscale isoflop demo; $(BIN)/diffscale eval demo --cell c00"
+	@echo "More:   $(BIN)/diffscale status demo; $(BIN)/diffscale table demo; $(BIN)/diffscale fit demo --metric fid (its own folder); $(BIN)/diffscale eval demo --cell c00"
+
+paper: $(STAMP)
+	$(BIN)/diffscale submit sweeps/paper_digits.yaml
+	$(BIN)/diffscale paper paper-digits
 
 test: $(STAMP)
 	$(BIN)/ruff check .
