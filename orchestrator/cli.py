@@ -19,6 +19,7 @@ from tabulate import tabulate
 
 from orchestrator.analysis.commands import add_parsers as add_analysis_parsers
 from orchestrator.analysis.optimal import add_parser as add_isoflop_parser
+from orchestrator.analysis.paper_command import add_paper_parser
 from orchestrator.analysis.summary import add_parser as add_summary_parser
 from orchestrator.choices import DATASET_NAMES, FEATURE_EXTRACTOR_NAMES, NLL_KINDS, SAMPLING_METHODS
 from orchestrator.names import EVAL_RESULT_FILE
@@ -437,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_parsers(sub)
     add_isoflop_parser(sub)
     add_summary_parser(sub)
+    add_paper_parser(sub)
     return parser
 
 
