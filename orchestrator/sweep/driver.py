@@ -241,12 +241,31 @@ def _trial_records(plan: SweepPlan) -> dict[str, dict[str, Any]]:
     }
 
 
+def _keep_secrets_off_the_trial_actors() -> None:
+    """Ray Tune copies AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SECURITY_TOKEN and
+    AWS_SESSION_TOKEN from the driver's environment into every trial actor's runtime env
+    (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``), where each node's
+    ``runtime_env_agent.log`` and the dashboard show them. The project's rule is that
+    secrets never travel (:mod:`orchestrator.trial.env`): each process keeps the credentials
+    of the node it runs on (its raylet's environment, an instance role, a credentials file),
+    so those names are taken out of Tune's set for this process."""
+    from ray.tune.execution import class_cache
+
+    from orchestrator.trial.env import is_secret
+
+    dropped = {name for name in class_cache.ENV_VARS_TO_PROPAGATE if is_secret(name)}
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(dropped)
+    if dropped:
+        log.debug("not copying %s into Tune's trial actors", sorted(dropped))
+
+
 def _make_tuner(
     plan: SweepPlan, store: SweepStore, *, retry_errored: bool, say: Callable[[str], None]
 ) -> Any:
     """A new Tuner over the plan's trials, or the stored one restored."""
     import ray.tune
 
+    _keep_secrets_off_the_trial_actors()
     tune_fs, tune_root = None, store.uri
     if store.uri.startswith("s3://"):
         tune_fs, tune_root = store.fs, store.root
