@@ -365,3 +365,39 @@ def test_the_filtered_logger_is_the_one_tune_reports_interrupts_on():
     assert not TuneResumeHintFilter().filter(record)
     other = ray.tune.tune.logger.makeRecord(TUNE_LOGGER, 30, __file__, 1, "Stop signal", (), None)
     assert TuneResumeHintFilter().filter(other)
+
+
+def test_the_paper_study_runs_end_to_end_at_a_tiny_budget(cluster):
+    """`sweeps/paper_digits.yaml` as shipped (21 trials: 7 rows x 3 seeds, the sampling-steps
+    study), shrunk by --set only, through `diffscale submit` and `diffscale paper`: every
+    finding gets its rows and metrics and a verdict (at 3 steps, any verdict)."""
+    root = cluster[0]
+    sweep = Path(__file__).resolve().parents[3] / "sweeps" / "paper_digits.yaml"
+    small = {
+        "tracking.uri": f"sqlite:///{root}/mlflow.db",
+        "storage.path": str(root / "runs"),
+        "model.name": "digits-3xs",
+        "budget.steps": 3,
+        "train.batch_size": 8,
+        "train.log_every": 1,
+        "train.checkpoint_every": 3,
+        "eval.num_points": 0,
+        "eval.nll_images": 4,
+        "eval.nll_timesteps": 2,
+        "eval.fid_samples": 4,
+        "eval.sample_steps": "5",
+        "eval.grid_samples": 0,
+    }
+    sets = [a for k, v in small.items() for a in ("--set", f"{k}={v}")]
+    out = call(cluster, "submit", str(sweep), *sets, "--quiet", timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    paper = call(
+        cluster, "paper", "paper-digits", "--json", "--tracking-uri", small["tracking.uri"]
+    )
+    assert paper.returncode == 0, paper.stdout[-3000:] + paper.stderr[-3000:]
+    doc = json.loads(paper.stdout)
+    assert len(doc["table"]["rows"]) == 21
+    findings = doc["findings"]
+    assert len(findings) == 6
+    allowed = {"holds", "does not hold", "inconclusive"}
+    assert all(f["verdict"] in allowed for f in findings), [f["verdict"] for f in findings]
