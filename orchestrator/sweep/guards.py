@@ -241,10 +241,14 @@ def connect(tracking_uri: str | None, environ: Mapping[str, str] = os.environ) -
 
 def warn_driver_only_secrets(environ: Mapping[str, str], context: ClusterContext) -> list[str]:
     """On a multi-node cluster, log a warning per secret set only in the driver's
-    environment (it is never forwarded), naming the alternative; returns their names."""
+    environment (it is never forwarded), naming the alternative; returns their names.
+
+    A secret the Ray job's own runtime env sets (``ray job submit --runtime-env-json``) is
+    not driver-only: Ray gives the job's env to every task and actor of the job."""
     if not context.multi_node:
         return []
-    found = driver_only_secrets(environ)
+    job_set = job_env_names(environ)
+    found = {k: v for k, v in driver_only_secrets(environ).items() if k not in job_set}
     for name, alternative in found.items():
         log.warning(
             "%s is set in this driver's environment only: secrets never travel to other nodes, "

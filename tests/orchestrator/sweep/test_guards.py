@@ -229,6 +229,11 @@ def test_driver_only_secrets_are_warned_about_by_name_only(caplog):
     for value in SECRETS.values():
         assert value not in caplog.text
     assert "AWS_SECRET_ACCESS_KEY is set in this driver's environment only" in caplog.text
+    # set by the Ray job's runtime env: it reaches every task and actor of the job
+    job = json.dumps({"runtime_env": {"env_vars": {"AWS_SECRET_ACCESS_KEY": "x"}}})
+    in_job = {**environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": job}
+    assert "AWS_SECRET_ACCESS_KEY" not in warn_driver_only_secrets(in_job, MULTI)
+    assert "MLFLOW_TRACKING_PASSWORD" in warn_driver_only_secrets(in_job, MULTI)
 
 
 # --------------------------------------------------------------------------- a real cluster
