@@ -37,6 +37,7 @@ __all__ = [
     "StorageConfig",
     "TrackingConfig",
     "TrainConfig",
+    "mask_passwords",
     "parse_sampler",
 ]
 
@@ -267,6 +268,15 @@ class ResourcesConfig(Section):
     num_workers: int = spec(1, ge=1)  # DDP workers
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = spec(1.0, gt=0)  # fractions allowed (Ray resources)
+
+
+_URI_PASSWORD = re.compile(r"(?P<user>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@'\"]*:)[^/\s@'\"]+@")
+
+
+def mask_passwords(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` in it shown as
+    ``***`` (for echoing a ``--set`` item or a URI in a message)."""
+    return _URI_PASSWORD.sub(r"\g<user>***@", text)
 
 
 def _password_problem(key: str, uri: str) -> Problem | None:

@@ -38,7 +38,7 @@ from diffusion.data import storage
 from diffusion.data.registry import builtin_dataset
 from diffusion.data.shards import read_manifest
 from diffusion.unet import UNetConfig
-from orchestrator.config.sections import BUDGET_KINDS, ResourcesConfig
+from orchestrator.config.sections import BUDGET_KINDS, ResourcesConfig, mask_passwords
 from orchestrator.config.trial import NAME_PATTERN, SECTIONS, TrialConfig
 from orchestrator.config.validation import (
     ConfigError,
@@ -128,7 +128,7 @@ class SweepSpec:
         for item in reversed(self.sets):
             given = canonical_key(item.partition("=")[0].strip())
             if key == given or key.startswith(given + ".") or given.startswith(key + "."):
-                return f"--set {item}"
+                return f"--set {mask_passwords(item)}"
         return key
 
     @property

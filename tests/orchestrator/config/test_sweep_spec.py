@@ -7,6 +7,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.config import ConfigError
+from orchestrator.config.sections import mask_passwords
 from orchestrator.grid import load_sweep
 from tests.orchestrator.sweep_files import SMALL, fake_dataset, write
 
@@ -149,3 +150,20 @@ def test_axis_problem_stays_under_its_axis_beside_a_base_problem(tmp_path):
     assert keys[0] == "--set train.lrr=1" and keys.count("--set train.lrr=1") == 1, keys
     assert "grid.model.name[1] = 'digits-q': model.name" in keys, keys
     assert not any(k.startswith("grid.") and "lrr" in k for k in keys), keys
+
+
+@pytest.mark.parametrize(
+    "item",
+    ["tracking.uri=http://bob:hunter2@head:5000", 'tracking={uri: "http://bob:hunter2@head:5000"}'],
+)
+def test_a_password_in_a_set_item_is_masked_where_the_item_is_named(tmp_path, capsys, item):
+    assert main(["submit", str(write(tmp_path, SMALL)), "--dry-run", "--set", item]) == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err, err
+    assert "--set tracking" in err and "http://bob:***@head:5000" in err, err
+
+
+def test_mask_passwords_keeps_everything_but_the_password():
+    assert mask_passwords("a=s3://k:s3cret@minio:9000/b x") == "a=s3://k:***@minio:9000/b x"
+    for text in ["http://bob@head:5000", "http://head:5000/a:b@c", "plain:text@x", ""]:
+        assert mask_passwords(text) == text
