@@ -400,6 +400,33 @@ def test_node_loss_finishes_in_the_same_run_with_every_step_once(job: JobRun) ->
         Path(target).write_text(json.dumps(job.figures, indent=2) + "\n")
 
 
+def test_resume_and_status_through_a_job_keep_the_finished_trial(
+    job: JobRun, cluster: Cluster, tracking: ScriptMlflowServer, moto_s3: S3Server, workdir: Path
+) -> None:
+    """`diffscale resume` then `diffscale status` as a Ray job (as after a lost head): the
+    finished trial stays finished, in the same runs, with no step logged again."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.names import TRAIN_LOSS
+
+    where = f"{NAME} --storage {job.storage} --endpoint-url {moto_s3.endpoint_url}"
+    entry = f"diffscale resume {where} && diffscale status {where} --mlflow"
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard]
+    cmd += ["--working-dir", str(workdir), "--runtime-env-json"]
+    cmd += [json.dumps({"env_vars": dict(S3_CREDENTIALS)}), "--", "bash", "-c", entry]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cluster.env(), timeout=300)
+    said = out.stdout + out.stderr
+    assert out.returncode == 0 and "succeeded" in said, said[-6000:]
+    rows = [ln for ln in said.splitlines() if ln.split()[:1] == [f"{NAME}-t00"]]
+    assert rows and all("FINISHED" in r and f"{STEPS[-1]}/{STEPS[-1]}" in r for r in rows), said
+    assert job.child.info.run_id[:12] in rows[-1], rows
+    client = MlflowClient(tracking.uri)
+    assert [r.info.run_id for r in runs_of(client, parent=True)] == [job.parent.info.run_id]
+    assert [r.info.run_id for r in runs_of(client, parent=False)] == [job.child.info.run_id]
+    steps = [m.step for m in client.get_metric_history(job.child.info.run_id, TRAIN_LOSS)]
+    assert sorted(steps) == list(range(1, STEPS[-1] + 1)), steps
+
+
 def test_a_job_with_local_storage_or_sqlite_is_refused_and_starts_nothing(
     job: JobRun, cluster: Cluster, tracking: ScriptMlflowServer, workdir: Path
 ) -> None:
