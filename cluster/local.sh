@@ -15,7 +15,8 @@
 #
 # Every node is a separate `ray start --block` in its own session (setsid), with its own ports
 # and its own temp dir, all under ${DIFFSCALE_LOCAL_CLUSTER:-/tmp/diffscale-local-cluster}.
-# `down` kills the sessions recorded there, never `ray stop` (which would stop every Ray on the machine).
+# `down` kills the sessions recorded there, never `ray stop` (which would stop every Ray on
+# the machine).
 # Which `ray` is used: $DIFFSCALE_RAY, else the `ray` next to this repo's .venv, else PATH.
 set -euo pipefail
 
@@ -89,10 +90,10 @@ start_worker() {  # start_worker NAME: a 1-CPU worker node, started again if it 
   for attempt in 1 2 3; do
     # One at a time: on a small machine, raylets starting together can miss Ray's start
     # timeout (30 s, fixed inside Ray); a node that missed it exits, and is started again.
-    # shellcheck disable=SC2046
     # Its own temp dir, as on a machine of its own: nodes that share one also share the
     # runtime-env cache (runtime_resources/), and a worker node deleting a job's unused
     # working_dir there pulls it from under the job's entrypoint on the head.
+    # shellcheck disable=SC2046
     start_node "$1" --address="$(address)" --num-cpus=1 --num-gpus=0 \
       --temp-dir="$STATE/r${1#worker}" --disable-usage-stats $(node_ports)
     wait_started "$STATE/logs/$1.log" "$LAST_PID" && return 0

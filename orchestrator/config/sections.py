@@ -270,7 +270,8 @@ class ResourcesConfig(Section):
     cpus_per_worker: float = spec(1.0, gt=0)  # fractions allowed (Ray resources)
 
 
-_URI_PASSWORD = re.compile(r"(?P<user>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@'\"]*:)[^/\s@'\"]+@")
+# up to the LAST "@" of the authority, as urlsplit reads it: a password may hold an "@"
+_URI_PASSWORD = re.compile(r"(?P<user>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@'\"]*:)[^/\s'\"]+@")
 
 
 def mask_passwords(text: str) -> str:
@@ -283,13 +284,12 @@ def _password_problem(key: str, uri: str) -> Problem | None:
     """The problem of a URI that carries a password (``http://user:pw@host``): it would be
     stored in sweep.json, MLflow params and log lines. The message masks it."""
     try:
-        parsed = urlsplit(uri)
-        secret = parsed.password
+        secret = urlsplit(uri).password
     except ValueError:
         return None
     if not secret:
         return None
-    masked = uri.replace(f":{secret}@", ":***@", 1)
+    masked = mask_passwords(uri)
     return key, (
         f"{masked!r} holds a password; give credentials by reference, never in the URI: "
         "MLflow's ~/.mlflow/credentials on every node (MLFLOW_TRACKING_USERNAME may be "

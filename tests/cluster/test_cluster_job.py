@@ -94,6 +94,17 @@ class Cluster:
     def env(self, **extra: str) -> dict[str, str]:
         return clean_env(**self.client, **extra)
 
+    def job_submit(
+        self, workdir: Path, *entrypoint: str, env_vars: dict[str, str] | None = None
+    ) -> list[str]:
+        """`ray job submit` of ``entrypoint`` with ``workdir`` uploaded, and ``env_vars`` in
+        the job's own runtime env."""
+        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.dashboard]
+        cmd += ["--working-dir", str(workdir)]
+        if env_vars:
+            cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
+        return [*cmd, "--", *entrypoint]
+
     def nodes(self) -> dict[int, str]:
         """session id -> local.sh node name (head, worker1, ...)."""
         lines = (self.state / "nodes").read_text().split("\n")
@@ -266,10 +277,9 @@ def job(
     (workdir / "sweep.yaml").write_text(sweep_text(tracking.uri, storage, moto_s3.endpoint_url))
     # The job's own runtime env carries only the bucket credentials (on a cloud cluster:
     # the instance role); endpoint and tracking URI come from the sweep, never the raylets.
-    runtime_env = {"env_vars": dict(S3_CREDENTIALS)}
-    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard]
-    cmd += ["--working-dir", str(workdir), "--runtime-env-json", json.dumps(runtime_env)]
-    cmd += ["--", "diffscale", "submit", "sweep.yaml", "--quiet"]
+    cmd = cluster.job_submit(
+        workdir, "diffscale", "submit", "sweep.yaml", "--quiet", env_vars=S3_CREDENTIALS
+    )
     log = tmp_path_factory.mktemp("job") / "submit.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=cluster.env())
@@ -411,9 +421,7 @@ def test_resume_and_status_through_a_job_keep_the_finished_trial(
 
     where = f"{NAME} --storage {job.storage} --endpoint-url {moto_s3.endpoint_url}"
     entry = f"diffscale resume {where} && diffscale status {where} --mlflow"
-    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard]
-    cmd += ["--working-dir", str(workdir), "--runtime-env-json"]
-    cmd += [json.dumps({"env_vars": dict(S3_CREDENTIALS)}), "--", "bash", "-c", entry]
+    cmd = cluster.job_submit(workdir, "bash", "-c", entry, env_vars=S3_CREDENTIALS)
     out = subprocess.run(cmd, capture_output=True, text=True, env=cluster.env(), timeout=300)
     said = out.stdout + out.stderr
     assert out.returncode == 0 and "succeeded" in said, said[-6000:]
@@ -439,8 +447,7 @@ def test_a_job_with_local_storage_or_sqlite_is_refused_and_starts_nothing(
         name = "e2e-refused"
         text = sweep_text(f"sqlite:///{local}/mlflow.db", str(local / "runs"), None, name=name)
         (workdir / "refused.yaml").write_text(text)
-        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard]
-        cmd += ["--working-dir", str(workdir), "--", "diffscale", "submit", "refused.yaml"]
+        cmd = cluster.job_submit(workdir, "diffscale", "submit", "refused.yaml")
         out = subprocess.run(cmd, capture_output=True, text=True, env=cluster.env(), timeout=300)
         said = out.stdout + out.stderr
         assert out.returncode != 0 and "failed with exit code 2" in said, said

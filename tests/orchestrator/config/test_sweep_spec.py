@@ -165,5 +165,6 @@ def test_a_password_in_a_set_item_is_masked_where_the_item_is_named(tmp_path, ca
 
 def test_mask_passwords_keeps_everything_but_the_password():
     assert mask_passwords("a=s3://k:s3cret@minio:9000/b x") == "a=s3://k:***@minio:9000/b x"
+    assert mask_passwords("http://u:p@ss@h:1/x") == "http://u:***@h:1/x"  # as urlsplit reads it
     for text in ["http://bob@head:5000", "http://head:5000/a:b@c", "plain:text@x", ""]:
         assert mask_passwords(text) == text
